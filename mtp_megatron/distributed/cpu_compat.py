@@ -1,0 +1,86 @@
+"""Make megatron-core 0.16 run on CPU with the gloo backend.
+
+This module exists for CPU tests and laptops only. ``init_distributed`` imports it when the run's device is
+CPU; a GPU run never imports it, so none of these patches can change GPU behaviour.
+
+megatron-core assumes CUDA in a handful of places (see shared/docs/platform.md). Each patch below maps one of
+them to its CPU equivalent:
+
+* ``torch.cuda.current_device()`` (grad buffers, p2p communication, mappings): returns ``"cpu"``.
+* Hard-coded ``device="cuda"`` / ``Tensor.cuda()`` (schedules, optimizer, clip_grads): a ``TorchFunctionMode``
+  rewrites CUDA devices to CPU.
+* ``param.type() == 'torch.cuda.FloatTensor'`` checks (distributed optimizer, mixed-precision optimizer): the
+  same mode reports CPU tensors under their CUDA type name.
+* The CUDA RNG (``model_parallel_cuda_manual_seed``, the RNG tracker that dropout forks inside TP regions):
+  routed to the CPU generator.
+* ``torch.cuda.synchronize()`` (p2p communication, checkpoint save): a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA device index (megatron passes ``torch.cuda.current_device()`` around).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch call made while it is active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The optimizers accept only 'torch.cuda.{Float,Half,BFloat16}Tensor'.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def apply() -> None:
+    """Install the CPU patches once per process. Idempotent."""
+    global _applied
+    if _applied:
+        return
+    _applied = True
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    torch.cuda.manual_seed = torch.cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    # Entered for the life of the process: the patched calls happen deep inside megatron-core.
+    _CudaToCpuMode().__enter__()
+
+
+def transformer_config_overrides() -> dict:
+    """TransformerConfig fields that must be set for CPU: the fused CUDA kernels they enable do not exist."""
+    return dict(
+        use_cpu_initialization=True,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        batch_p2p_sync=False,
+    )

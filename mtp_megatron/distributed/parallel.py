@@ -1,0 +1,118 @@
+"""Process start and megatron-core parallel state.
+
+Reads the launcher's environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; a plain
+``python -m mtp_megatron.train`` runs as a single process), picks NCCL on GPU and gloo on CPU, and creates the
+TP x PP x DP groups once. The groups are handed down explicitly as a ``ParallelEnv``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from mtp_megatron.config import ParallelConfig
+from mtp_megatron.distributed.topology import ParallelDims
+
+
+@dataclass
+class ParallelEnv:
+    """Where this process sits in the job, and the process groups it talks to."""
+
+    rank: int
+    local_rank: int
+    dims: ParallelDims
+    device: torch.device
+    groups: ProcessGroupCollection
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.groups.tp)
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.groups.pp)
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.groups.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.dims.pp - 1
+
+
+def resolve_device(preference: str) -> torch.device:
+    """'auto' is CUDA when a GPU is visible, CPU otherwise."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no GPU is visible. Fix: train.device=cpu (or auto).")
+    return torch.device(preference)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, device_preference: str, seed: int) -> ParallelEnv:
+    """Start torch.distributed from the launcher's environment and build megatron-core's parallel state."""
+    device = resolve_device(device_preference)
+    if device.type == "cpu":
+        from mtp_megatron.distributed import cpu_compat  # never imported on GPU runs
+
+        cpu_compat.apply()
+
+    if "RANK" not in os.environ:  # a plain single-process run
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    dims = ParallelDims(world_size=world_size, tp=parallel.tp, pp=parallel.pp)
+    dims.validate()
+
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=int(os.environ.get("MTP_DIST_TIMEOUT_MINUTES", "30"))),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
+    )
+    # Same seed on every rank: megatron derives the TP-region RNG streams from it (dropout in TP regions).
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return ParallelEnv(
+        rank=rank,
+        local_rank=local_rank,
+        dims=dims,
+        device=device,
+        groups=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

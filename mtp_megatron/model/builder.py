@@ -1,0 +1,106 @@
+"""From our config to this pipeline stage's model, wrapped for mixed precision and data parallelism."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal, scaled_init_method_normal
+
+from mtp_megatron.config import Config
+from mtp_megatron.distributed.parallel import ParallelEnv
+from mtp_megatron.model.gpt import MTPGPTModel
+from mtp_megatron.model.specs import layer_and_norm_specs
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """'auto' is bf16 on GPU and fp32 on CPU."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
+    """The megatron-core TransformerConfig of the trunk (the heads reuse it)."""
+    m, precision = cfg.model, resolve_precision(cfg, device)
+    recompute = {
+        "none": {},
+        "selective": dict(recompute_granularity="selective"),
+        "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    }[cfg.train.recompute]
+    kwargs = dict(
+        num_layers=cfg.trunk_num_layers(),
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.resolved_ffn_hidden_size(),
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=cfg.parallel.tp,
+        pipeline_model_parallel_size=cfg.parallel.pp,
+        params_dtype=_DTYPES[precision],
+        pipeline_dtype=_DTYPES[precision],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        **recompute,
+    )
+    if device.type == "cpu":
+        from mtp_megatron.distributed import cpu_compat
+
+        kwargs.update(cpu_compat.transformer_config_overrides())
+    config = TransformerConfig(**kwargs)
+    # Initialise as the plain GPT of the same depth would: the residual-output init is scaled by the total
+    # number of layers the signal passes through (trunk + one head), not by the trunk alone.
+    config.init_method = init_method_normal(m.init_method_std)
+    config.output_layer_init_method = scaled_init_method_normal(
+        m.init_method_std, cfg.trunk_num_layers() + 1, multiplier=2.0
+    )
+    return config
+
+
+def build_model(cfg: Config, env: ParallelEnv) -> MTPGPTModel:
+    """This stage's bare model (no DDP), on the run's device and in the run's precision."""
+    config = transformer_config(cfg, env.device)
+    layer_spec, norm_spec = layer_and_norm_specs(cfg.model)
+    model = MTPGPTModel(
+        config,
+        layer_spec,
+        norm_spec,
+        vocab_size=cfg.model.padded_vocab_size(cfg.parallel.tp),
+        max_sequence_length=cfg.model.seq_length,
+        n_heads=cfg.mtp.n_heads,
+        sequential_backward=cfg.mtp.sequential_backward,
+        pre_process=env.is_first_stage,
+        post_process=env.is_last_stage,
+        position_embedding_type=cfg.model.position_embedding,
+        rotary_base=cfg.model.rotary_base,
+        pg_collection=env.groups,
+    )
+    return model.to(env.device)
+
+
+def wrap_model(model: MTPGPTModel, cfg: Config, env: ParallelEnv) -> DistributedDataParallel:
+    """Mixed-precision wrapper (bf16/fp16 weights, fp32 main params in the optimizer) and megatron DDP."""
+    config = model.config
+    if config.bf16 or config.fp16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.sharding == "distributed_optimizer",
+        # Heads see every sample of the microbatch, so the gradient is a per-DP-rank mean; average in DDP.
+        average_in_collective=False,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, pg_collection=env.groups)

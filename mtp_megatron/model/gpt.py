@@ -1,0 +1,93 @@
+"""The MTP model: megatron-core's GPTModel as the trunk, with the MTP heads on the last pipeline stage.
+
+The trunk is a ``GPTModel`` built with ``post_process=False`` on every stage, so embedding, rotary cache,
+pipeline input handling and the trunk's checkpoint keys are exactly megatron-core's. The last stage adds
+``mtp_heads`` (see heads.py), which replace GPTModel's final norm and output layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mtp_megatron.model.heads import HeadInputs, MTPHeads, shift_targets
+
+
+class MTPGPTModel(GPTModel):
+    """One pipeline stage of the trunk, plus the n heads when ``has_heads``.
+
+    Forward returns the trunk output on non-last stages, and ``(loss, stats)`` on the last stage
+    (see ``MTPHeads.forward``).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec,
+        norm_spec: ModuleSpec,
+        vocab_size: int,
+        max_sequence_length: int,
+        n_heads: int,
+        sequential_backward: bool,
+        pre_process: bool,
+        post_process: bool,
+        position_embedding_type: str = "rope",
+        rotary_base: int = 10000,
+        pg_collection=None,
+    ):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=False,  # GPTModel's own norm/output layer are replaced by the heads
+            share_embeddings_and_output_weights=False,  # untied, as in the paper
+            position_embedding_type=position_embedding_type,
+            rotary_base=rotary_base,
+            pg_collection=pg_collection,
+        )
+        self.has_heads = post_process
+        if post_process:
+            self.mtp_heads = MTPHeads(
+                config,
+                layer_spec,
+                norm_spec,
+                n_heads=n_heads,
+                vocab_size=vocab_size,
+                trunk_num_layers=config.num_layers,
+                sequential_backward=sequential_backward,
+                pg_collection=self.pg_collection,
+            )
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor],
+        position_ids: Optional[Tensor],
+        attention_mask: Optional[Tensor],
+        labels: Optional[Tensor] = None,
+        loss_mask: Optional[Tensor] = None,
+    ):
+        decoder_input, rotary_pos_emb, *_ = self._preprocess(input_ids=input_ids, position_ids=position_ids)
+        hidden = self.decoder(
+            hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+        )
+        if not self.has_heads:
+            return hidden
+        head_labels, head_masks = shift_targets(labels, loss_mask, self.mtp_heads.n_heads)
+        inputs = HeadInputs(head_labels, head_masks, attention_mask, rotary_pos_emb)
+        return self.mtp_heads(hidden, inputs)
+
+    def head_logits(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor]) -> list:
+        """Per-head vocab-parallel logits [s, b, V/tp] on a single-stage model (evaluation and decoding)."""
+        decoder_input, rotary_pos_emb, *_ = self._preprocess(input_ids=input_ids, position_ids=position_ids)
+        hidden = self.decoder(
+            hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+        )
+        inputs = HeadInputs([], [], attention_mask, rotary_pos_emb)
+        return [self.mtp_heads.logits(k, hidden, inputs) for k in range(self.mtp_heads.n_heads)]

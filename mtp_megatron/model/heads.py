@@ -1,0 +1,213 @@
+"""The n parallel multi-token-prediction heads and their sequential backward.
+
+This is the one idea mtp-megatron adds to megatron-core. On the last pipeline stage the trunk output ``z``
+([s, b, h]) feeds n heads. Head i (1-based) is one transformer layer, followed by a norm and a vocab-parallel
+unembedding that all heads share, and predicts token t+i at position t (Gloeckle et al. 2024). Head 1 is the
+ordinary next-token path, so n=1 is a plain GPT.
+
+Training loss: the sum over heads of each head's mean cross-entropy over the positions that have a target
+(``loss_mask`` shifted with the labels; the last i-1 positions of a sample carry no loss for head i).
+
+Two orders compute the same gradients:
+
+* naive: every head's graph is built in forward and one backward runs through all of them. Peak logit memory
+  grows with n (n heads' logits and cross-entropy buffers are alive at once).
+* sequential (the paper's Fig. 2): forward keeps only ``z`` and returns a zero placeholder loss. When the
+  pipeline schedule runs backward on it, ``_SequentialHeadsLoss.backward`` runs each head's forward and backward
+  in turn with the schedule's real gradient scale (1/num_microbatches times any loss scale), adds each head's
+  gradient into one dL/dz, and frees that head's logits before the next. Peak logit memory is one head's.
+  This is variant D of shared/docs/method.md: no recomputation, exact scale, and megatron DDP's gradient hooks
+  fire during backward as the schedules expect. Its one caveat: the loss *values* are only known after
+  backward, so they are written into a statistics tensor that the loss function hands to the schedule.
+
+Per-head statistics are a float64 tensor of shape [n, 3]: (sum of token losses, correct top-1 predictions,
+number of target tokens), so they can be summed over microbatches and data-parallel ranks and then divided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.utils import sharded_state_dict_default
+
+STAT_LOSS_SUM, STAT_CORRECT, STAT_TOKENS = 0, 1, 2
+
+
+@dataclass
+class HeadInputs:
+    """What every head needs besides the trunk output; built once per microbatch."""
+
+    labels: list[Tensor]
+    """Per head, [b, s] target ids (head i at position t: token t+i)."""
+    loss_masks: list[Tensor]
+    """Per head, [b, s] float mask: 1 where the target exists and counts."""
+    attention_mask: Optional[Tensor]
+    rotary_pos_emb: Optional[Tensor]
+
+
+def shift_targets(labels: Tensor, loss_mask: Tensor, n_heads: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Targets of every head from the next-token ``labels`` ([b, s], labels[t] = token t+1).
+
+    Head i's target at position t is token t+i = labels[t+i-1]. The last i-1 positions have no target inside
+    the sample and are masked out. (Context parallelism would need megatron's CP-aware ``roll_tensor``; the
+    config refuses CP.)
+    """
+    all_labels, all_masks = [labels], [loss_mask]
+    for k in range(1, n_heads):
+        shifted_labels = torch.zeros_like(labels)
+        shifted_mask = torch.zeros_like(loss_mask)
+        shifted_labels[:, :-k] = labels[:, k:]
+        shifted_mask[:, :-k] = loss_mask[:, k:]
+        all_labels.append(shifted_labels)
+        all_masks.append(shifted_mask)
+    return all_labels, all_masks
+
+
+class MTPHeads(MegatronModule):
+    """n head layers, one shared final norm and one shared vocab-parallel unembedding."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec,
+        norm_spec: ModuleSpec,
+        n_heads: int,
+        vocab_size: int,
+        trunk_num_layers: int,
+        sequential_backward: bool,
+        pg_collection,
+    ):
+        super().__init__(config=config)
+        self.n_heads = n_heads
+        self.sequential_backward = sequential_backward
+        self.tp_group = pg_collection.tp
+        # TransformerLayer adds the pipeline offset to layer_number itself; the heads are numbered after the
+        # whole trunk so that no head shares a trunk layer's number (inference KV-cache keys use it).
+        offset = get_transformer_layer_offset(config, None, torch.distributed.get_rank(pg_collection.pp))
+        self.layers = torch.nn.ModuleList(
+            build_module(
+                layer_spec,
+                config=config,
+                layer_number=trunk_num_layers + k + 1 - offset,
+                pg_collection=pg_collection,
+            )
+            for k in range(n_heads)
+        )
+        self.final_norm = build_module(
+            norm_spec, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size,
+            vocab_size,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=False,
+            tp_group=self.tp_group,
+        )
+
+    # ---------------------------------------------------------------- one head
+
+    def logits(self, head: int, hidden: Tensor, inputs: HeadInputs) -> Tensor:
+        """Vocab-parallel logits [s, b, V/tp] of head ``head`` (0-based) for trunk output ``hidden``."""
+        out, _ = self.layers[head](
+            hidden, attention_mask=inputs.attention_mask, rotary_pos_emb=inputs.rotary_pos_emb
+        )
+        logits, _ = self.output_layer(self.final_norm(out))
+        return logits
+
+    def head_loss(self, head: int, hidden: Tensor, inputs: HeadInputs) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy of one head over its target tokens, and its [3] statistics row."""
+        logits = self.logits(head, hidden, inputs)
+        labels = inputs.labels[head].transpose(0, 1).contiguous()  # [s, b], as logits
+        mask = inputs.loss_masks[head].transpose(0, 1).float()
+        correct = self._top1_correct(logits.detach(), labels)
+        # vocab_parallel_cross_entropy overwrites fp32 logits in place: accuracy is read first.
+        token_loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+        del logits
+        num_tokens = mask.sum()
+        loss = (token_loss * mask).sum() / num_tokens.clamp(min=1)
+        stats = torch.stack(
+            [(token_loss.detach() * mask).sum(), (correct * mask).sum(), num_tokens]
+        ).double()
+        return loss, stats
+
+    @torch.no_grad()
+    def _top1_correct(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """1.0 where the target has the highest logit over the whole (vocab-parallel) vocabulary."""
+        vocab_per_rank = logits.size(-1)
+        vocab_start = torch.distributed.get_rank(self.tp_group) * vocab_per_rank
+        local_max = logits.max(dim=-1).values
+        torch.distributed.all_reduce(local_max, torch.distributed.ReduceOp.MAX, group=self.tp_group)
+        in_range = (labels >= vocab_start) & (labels < vocab_start + vocab_per_rank)
+        local_index = (labels - vocab_start).clamp(0, vocab_per_rank - 1)
+        target_logit = logits.gather(-1, local_index.unsqueeze(-1)).squeeze(-1) * in_range
+        torch.distributed.all_reduce(target_logit, group=self.tp_group)
+        return (target_logit >= local_max).float()
+
+    # ---------------------------------------------------------------- all heads
+
+    def forward(self, hidden: Tensor, inputs: HeadInputs) -> tuple[Tensor, Tensor]:
+        """Training loss (sum over heads) and the [n, 3] statistics.
+
+        In the sequential order the loss is a zero placeholder whose backward does the work and the statistics
+        are filled during that backward; otherwise both are computed here.
+        """
+        stats = torch.zeros(self.n_heads, 3, dtype=torch.float64, device=hidden.device)
+        if self.sequential_backward and torch.is_grad_enabled() and hidden.requires_grad:
+            loss = _SequentialHeadsLoss.apply(hidden, self, inputs, stats)
+            return loss, stats
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for head in range(self.n_heads):
+            loss, stats[head] = self.head_loss(head, hidden, inputs)
+            total = total + loss
+        return total, stats
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        # A plain ModuleList would be saved as if replicated over TP (wrong on reload, see platform.md):
+        # each head layer shards itself, and the shared modules need the TP group.
+        state = {}
+        for k, layer in enumerate(self.layers):
+            state.update(layer.sharded_state_dict(f"{prefix}layers.{k}.", sharded_offsets, metadata))
+        for name in ("final_norm", "output_layer"):
+            state.update(
+                sharded_state_dict_default(
+                    getattr(self, name), f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                )
+            )
+        return state
+
+
+class _SequentialHeadsLoss(torch.autograd.Function):
+    """Zero-valued loss whose backward runs the heads one after another (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, heads: MTPHeads, inputs: HeadInputs, stats: Tensor) -> Tensor:
+        ctx.heads, ctx.inputs, ctx.stats = heads, inputs, stats
+        ctx.save_for_backward(hidden)
+        return hidden.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (hidden,) = ctx.saved_tensors
+        # The heads' graphs start at a leaf so each backward stops at z and only accumulates dL/dz there.
+        hidden = hidden.detach().requires_grad_()
+        with torch.enable_grad():
+            for head in range(ctx.heads.n_heads):
+                loss, ctx.stats[head] = ctx.heads.head_loss(head, hidden, ctx.inputs)
+                # grad_output is the schedule's scale for the placeholder (1/num_microbatches x loss scale);
+                # the placeholder stands for the sum of head losses, so each head gets the same scale.
+                torch.autograd.backward(loss, grad_output)
+                del loss  # the head's graph, logits included, is freed before the next head runs
+        ctx.heads = ctx.inputs = None
+        return hidden.grad, None, None, None

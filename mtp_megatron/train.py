@@ -1,0 +1,69 @@
+"""Train an MTP model: ``torchrun --nproc_per_node=N -m mtp_megatron.train --config configs/tiny.yaml [a.b=c ...]``.
+
+The whole flow, top to bottom: config -> parallel state -> model -> data -> optimizer -> loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mtp_megatron.config import Config, format_config_help, load_config, save_resolved_config, validate_for_world
+
+
+def train(cfg: Config):
+    """Run one training job in this process (one rank of the job); returns every step's result."""
+    # Heavy imports here: `--help` and config errors answer without importing megatron-core.
+    from mtp_megatron.data.datasets import build_datasets
+    from mtp_megatron.distributed.parallel import destroy_distributed, init_distributed
+    from mtp_megatron.model.builder import build_model, wrap_model
+    from mtp_megatron.training.loop import connect_schedule_hooks, fit
+    from mtp_megatron.training.metrics import MetricsLogger
+    from mtp_megatron.training.optimizer import build_optimizer, build_scheduler
+
+    env = init_distributed(cfg.parallel, cfg.train.device, cfg.train.seed)
+    try:
+        run_dir = cfg.run.dir
+        if env.rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            save_resolved_config(cfg, run_dir)
+
+        model = wrap_model(build_model(cfg, env), cfg, env)
+
+        samples = cfg.train.iters * cfg.train.global_batch_size
+        eval_runs = cfg.train.iters // cfg.train.eval_interval + 1 if cfg.train.eval_interval else 0
+        train_data, valid_data = build_datasets(
+            cfg, samples, cfg.train.eval_iters * cfg.train.global_batch_size if eval_runs else 0
+        )
+
+        optimizer = build_optimizer(cfg, [model], env.groups)
+        scheduler = build_scheduler(cfg, optimizer)
+        connect_schedule_hooks(model, optimizer, cfg)
+
+        logger = MetricsLogger(cfg, run_dir, env.rank, env.dims.world_size)
+        try:
+            return fit(cfg, env, model, optimizer, scheduler, train_data, valid_data, logger)
+        finally:
+            logger.close()
+    finally:
+        destroy_distributed()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file (configs/tiny.yaml, configs/13b.yaml, ...)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. mtp.n_heads=2")
+    parser.add_argument("--help-config", action="store_true", help="list every config field with its meaning")
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print(format_config_help())
+        return
+    # Every config error surfaces here, before any process group or model exists.
+    cfg = load_config(args.config, args.overrides)
+    validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
