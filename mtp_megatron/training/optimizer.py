@@ -45,7 +45,7 @@ def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> OptimizerParam
         max_lr=o.lr,
         min_lr=o.lr * o.min_lr_ratio,
         lr_warmup_steps=o.warmup_iters,
-        lr_decay_steps=o.decay_iters or cfg.train.iters,
+        lr_decay_steps=o.resolved_decay_iters(cfg.train.iters),
         lr_decay_style=o.decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,

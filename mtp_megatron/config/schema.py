@@ -1,0 +1,362 @@
+"""The configuration schema: one dataclass per concern, a docstring under every field.
+
+The field docstrings are the documentation: ``describe_fields`` reads them back from the source (like megatron-core's
+``TransformerConfig``), so ``--help-config`` listings and the docs cannot drift from the code. Cross-field checks live
+in ``validate.py``, loading and overrides in ``loader.py``. The defaults of ``Config()`` are a tiny CPU model that
+trains in well under a second per step; a section's own defaults may be the paper's (``OptimConfig``).
+"""
+
+import ast
+import dataclasses
+import functools
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Literal, Optional, Tuple
+
+
+@dataclass
+class ModelConfig:
+    """The GPT architecture, sized as the equivalent plain next-token (n=1) model."""
+
+    num_layers: int = 5
+    """Transformer layers of the equivalent plain n=1 GPT: the trunk plus head 1. With ``mtp.match_params`` the
+    n-1 extra heads are taken out of these; otherwise they are added on top. See ``Config.trunk_num_layers``."""
+
+    hidden_size: int = 64
+    """Model width d (residual stream size). Must be a multiple of ``num_attention_heads``."""
+
+    num_attention_heads: int = 4
+    """Query attention heads. Must divide ``hidden_size`` and be a multiple of ``parallel.tp``."""
+
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention (GQA). None = multi-head attention (one group per head). Must
+    divide ``num_attention_heads`` and be a multiple of ``parallel.tp``."""
+
+    ffn_hidden_size: Optional[int] = None
+    """Width of the MLP's inner layer. None = 4*hidden for gelu, or for swiglu the Llama rule int(8*hidden/3)
+    rounded up to a multiple of 256 (4096 -> 11008). Must be a multiple of ``parallel.tp``."""
+
+    vocab_size: int = 1024
+    """Tokenizer vocabulary size before padding (32000 for the Llama-2 tokenizer). The embedding and unembedding
+    use ``padded_vocab_size(tp)`` rows."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times ``parallel.tp``, as Megatron does, so each TP rank holds an
+    equal, GEMM-friendly slice. Changing it changes parameter shapes (checkpoints)."""
+
+    seq_length: int = 128
+    """Tokens per training sequence (context length). Must exceed ``mtp.n_heads`` so every head has a target."""
+
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Normalisation layer type. RMSNorm as in Llama (the paper's models)."""
+
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP activation. swiglu (gated, Llama) or gelu (GPT-2 style)."""
+
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    """Position encoding: rotary (Llama) or a learned absolute table of ``seq_length`` rows."""
+
+    rotary_base: int = 10000
+    """RoPE base (theta). 10000 as in Llama-2; raise it for long-context training."""
+
+    norm_epsilon: float = 1e-5
+    """Epsilon added inside the norms for numerical stability."""
+
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+
+    hidden_dropout: float = 0.0
+    """Dropout probability on the residual branches, in [0, 1). 0 for LLM pre-training."""
+
+    attention_dropout: float = 0.0
+    """Dropout probability on the attention probabilities, in [0, 1). 0 for LLM pre-training."""
+
+    add_bias_linear: bool = False
+    """Add biases to the linear layers. False as in Llama."""
+
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: megatron-core's local (pure PyTorch) modules or Transformer Engine's fused ones. auto
+    = Transformer Engine when it is installed and a GPU is used, else local."""
+
+    def resolved_ffn_hidden_size(self) -> int:
+        """The MLP width actually used, applying the defaults described on ``ffn_hidden_size``."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            # Llama keeps swiglu's parameter count near a 4*h MLP: 2/3 of 4*h, rounded up to a multiple of 256.
+            return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+        return 4 * self.hidden_size
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Vocabulary rows after Megatron's padding: the next multiple of ``make_vocab_size_divisible_by * tp``."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+@dataclass
+class MTPConfig:
+    """The multi-token prediction heads (Gloeckle et al. 2024)."""
+
+    n_heads: int = 4
+    """Future tokens predicted per position: head i predicts token t+i from the trunk output at t. Each head is one
+    transformer layer; all share the final norm and unembedding. 1 = a plain GPT. The paper's best is 4 for a 32k
+    vocabulary."""
+
+    sequential_backward: bool = True
+    """Run each head's forward and backward one at a time, accumulating the gradient at the trunk output, so only
+    one head's logits are alive (peak memory O(V + d) per token instead of O(nV + d)). False = the naive order (sum
+    the heads' losses, one backward); same gradients, more memory; for comparison and debugging."""
+
+    match_params: bool = False
+    """Take the n-1 extra head layers out of the trunk so the parameter count equals the n=1 model's, as in the
+    paper's comparisons. False = add them on top."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallelism. Data parallelism is derived: dp = world_size / (tp * pp), never configured."""
+
+    tp: int = 1
+    """Tensor-parallel size: each layer's weights split across this many ranks (keep within one NVLink node)."""
+
+    pp: int = 1
+    """Pipeline-parallel size: the trunk's layers split into this many stages; the heads, final norm and
+    unembedding sit on the last stage. Must divide the trunk's layer count."""
+
+    sharding: Literal["none", "distributed_optimizer"] = "distributed_optimizer"
+    """How optimizer state is spread over data-parallel ranks. none = every DP rank keeps the full fp32 master
+    weights and Adam state; distributed_optimizer = megatron's ZeRO-1-like sharding of them over DP."""
+
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient all-reduce / reduce-scatter with the backward pass (megatron DDP buckets)."""
+
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass. Needs
+    ``sharding=distributed_optimizer`` and ``overlap_grad_reduce`` (megatron's rule)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule. Defaults are the paper's (Gloeckle et al., Tables S13/S14)."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warmup."""
+
+    min_lr_ratio: float = 0.03
+    """Final learning rate as a fraction of ``lr``, in [0, 1]. The paper decays to 3% for code models and 10% for
+    natural-language ones."""
+
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay coefficient."""
+
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
+
+    adam_beta2: float = 0.95
+    """Adam's second-moment decay. 0.95 (rather than 0.999) is the usual choice for LLM stability."""
+
+    adam_eps: float = 1e-8
+    """Adam's denominator epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient L2 norm to this value; 0 disables clipping."""
+
+    warmup_iters: int = 2000
+    """Optimizer steps of linear warmup from 0 to ``lr``."""
+
+    decay_iters: Optional[int] = None
+    """Optimizer step at which the decay reaches ``lr * min_lr_ratio`` (counted from step 0, warmup included);
+    must exceed ``warmup_iters``. None = ``train.iters``, or just past warmup when the run is shorter than the
+    warmup (a smoke test of a long schedule, e.g. 7b.yaml with train.iters=10); see ``resolved_decay_iters``."""
+
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warmup. The paper uses cosine."""
+
+    def resolved_decay_iters(self, train_iters: int) -> int:
+        """The decay length to give megatron's ``OptimizerParamScheduler``, which requires warmup < decay."""
+        if self.decay_iters is not None:
+            return self.decay_iters
+        return max(train_iters, self.warmup_iters + 1)
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    paths: List[str] = field(default_factory=list)
+    """Megatron indexed-dataset prefixes (the path without .bin/.idx), optionally weighted as in Megatron's blend
+    format: [0.7, /data/a, 0.3, /data/b]. Empty = synthetic tokens from megatron-core's mock GPT dataset."""
+
+    split: str = "969,30,1"
+    """Train, validation, test proportions of each dataset, comma separated (Megatron's format)."""
+
+    num_workers: int = 0
+    """DataLoader worker processes per rank. 0 loads in the training process."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop and batch shape."""
+
+    iters: int = 50
+    """Optimizer steps to train for."""
+
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one data-parallel rank. Raise until memory is full."""
+
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks. Must be a multiple of micro_batch_size * dp;
+    the quotient is the number of microbatches (gradient-accumulation steps, and the pipeline's depth of work)."""
+
+    seed: int = 1234
+    """Random seed for initialisation, data order and dropout."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Parameter and compute dtype (master weights stay fp32 in mixed precision). auto = bf16 on GPU, fp32 on
+    CPU. fp16 needs a GPU (loss scaling)."""
+
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: none; selective = recompute the attention core only (cheap, saves the s^2
+    part); full = recompute whole layers in backward (saves most activation memory for ~33% more compute)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run. auto = cuda when a GPU is visible, else cpu (gloo)."""
+
+    eval_interval: int = 0
+    """Run validation every this many steps; 0 = never."""
+
+    eval_iters: int = 10
+    """Validation batches (global batches) per evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and loading."""
+
+    interval: int = 0
+    """Save a checkpoint every this many steps; 0 = never."""
+
+    load: Optional[str] = None
+    """Checkpoint folder to resume from. None = start from scratch."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics."""
+
+    log_interval: int = 1
+    """Log training metrics (loss per head, lr, throughput) every this many steps."""
+
+    tensorboard: bool = True
+    """Also write TensorBoard event files under ``run.dir``."""
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes its outputs."""
+
+    dir: str = "runs/default"
+    """Output folder: the resolved config.yaml, metrics.jsonl, TensorBoard events and checkpoints."""
+
+    name: Optional[str] = None
+    """Human-readable run name for logs. None = the folder's name."""
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run. ``Config()`` is a tiny CPU model that trains in seconds."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Output folder and run name."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The GPT architecture."""
+
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    """The multi-token prediction heads."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor and pipeline parallelism, optimizer sharding."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_iters=5))
+    """Optimizer and learning-rate schedule. ``Config()`` shortens the paper's warmup (2000 steps, longer than the
+    tiny default run) to 5 and raises lr to 3e-3, which tiny models want; ``OptimConfig()`` alone is the paper's."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop length, batch sizes, precision, device."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint saving and loading."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics logging."""
+
+    def trunk_num_layers(self) -> int:
+        """Layers of the shared trunk (split over pipeline stages). As in the released code the trunk is the n=1
+        model's layers[:-1] and its last layer is head 1; with match_params all n heads come out of the n=1
+        model's layers."""
+        return self.model.num_layers - (self.mtp.n_heads if self.mtp.match_params else 1)
+
+    def head_layers(self) -> int:
+        """Transformer layers in the heads: one per head, all on the last pipeline stage."""
+        return self.mtp.n_heads
+
+
+def sections() -> List[Tuple[str, type]]:
+    """(name, class) of each section of ``Config``, in declaration order."""
+    return [(f.name, f.type) for f in dataclasses.fields(Config)]
+
+
+@functools.lru_cache(maxsize=None)
+def _field_source_info(cls: type) -> dict:
+    """Map field name -> (annotation as written, docstring), parsed from the class source.
+
+    Python keeps no attribute docstrings at runtime; the string literal right under an annotated assignment is
+    only in the source, so read it from the AST.
+    """
+    tree = ast.parse(inspect.getsource(cls).lstrip())  # lstrip: allow classes defined in an indented block
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    info = {}
+    for node, following in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = ""
+            if (
+                isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                doc = inspect.cleandoc(following.value.value)
+            info[node.target.id] = (ast.unparse(node.annotation), doc)
+    return info
+
+
+def describe_fields(cls: type) -> List[Tuple[str, str, Any, str]]:
+    """(name, type as written, default, docstring) for each field of a config dataclass; '' when undocumented."""
+    info = _field_source_info(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        type_str, doc = info.get(f.name, (str(f.type), ""))
+        rows.append((f.name, type_str, default, doc))
+    return rows
+
+
+def format_config_help() -> str:
+    """Every setting as ``section.field: type = default  -- doc``, for a ``--help-config`` flag."""
+    defaults = Config()  # the effective defaults: Config() overrides a few of its sections' own (see ``optim``)
+    lines = []
+    for section, cls in sections():
+        lines.append(f"[{section}] {inspect.cleandoc(cls.__doc__ or '')}")
+        for name, type_str, _, doc in describe_fields(cls):
+            default = getattr(getattr(defaults, section), name)
+            lines.append(f"  {section}.{name}: {type_str} = {default!r}  -- {' '.join(doc.split())}")
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""Every cross-field check of a ``Config``, in one place.
+
+Checks collect problems instead of stopping at the first, and raise one ``ConfigError`` listing each as
+``field: problem. Fix: ...``. ``validate`` needs only the config; ``validate_for_world`` adds what depends on the
+number of processes, once the launcher knows it.
+"""
+
+from typing import TYPE_CHECKING, List, Set
+
+from mtp_megatron.config.errors import ConfigError
+from mtp_megatron.config.schema import Config
+
+if TYPE_CHECKING:
+    from mtp_megatron.distributed.topology import ParallelDims
+
+
+def validate(cfg: Config) -> None:
+    """Raise ``ConfigError`` if ``cfg`` cannot run at any world size."""
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError.from_problems(problems)
+
+
+def validate_for_world(cfg: Config, world_size: int) -> "ParallelDims":
+    """``validate`` plus the checks that need the world size; returns the resulting ``ParallelDims``."""
+    # Imported here, not at the top: topology imports ConfigError from this package, so a top-level import would
+    # be circular whenever topology is imported first.
+    from mtp_megatron.distributed.topology import ParallelDims, suggest_multiples
+
+    dims = ParallelDims(world_size=world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    problems = _problems(cfg)
+    layout_problems = dims.problems()
+    problems += layout_problems
+    train = cfg.train
+    if not layout_problems and train.micro_batch_size >= 1:
+        per_step = train.micro_batch_size * dims.dp
+        if train.global_batch_size % per_step != 0:
+            problems.append(
+                f"train.global_batch_size: {train.global_batch_size} is not a multiple of micro_batch_size*dp = "
+                f"{train.micro_batch_size}*{dims.dp} = {per_step} (dp = world size {world_size} / "
+                f"(tp {dims.tp} * pp {dims.pp})), so the number of microbatches would be "
+                f"{train.global_batch_size / per_step:g}. "
+                f"Fix: use {suggest_multiples(train.global_batch_size, per_step)}"
+            )
+    if problems:
+        raise ConfigError.from_problems(problems)
+    return dims
+
+
+class _Problems(list):
+    """Collects problems as ``field: problem. Fix: ...``; ``bad`` names the fields already reported invalid, so
+    checks that divide by them are skipped instead of crashing or piling up follow-on noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: Set[str] = set()
+
+    def add(self, field: str, problem: str, fix: str) -> None:
+        self.append(f"{field}: {problem}. Fix: {fix}")
+
+
+def _problems(cfg: Config) -> List[str]:
+    out = _Problems()
+    for check in (_check_sizes, _check_shapes, _check_trunk_and_heads, _check_parallel, _check_optim, _check_run):
+        check(cfg, out)
+    return list(out)
+
+
+def _check_sizes(cfg: Config, out: _Problems) -> None:
+    """Sizes that must be positive before any divisibility check means anything."""
+    m, mtp, par, train = cfg.model, cfg.mtp, cfg.parallel, cfg.train
+    positive = {
+        "model.num_layers": m.num_layers,
+        "model.hidden_size": m.hidden_size,
+        "model.num_attention_heads": m.num_attention_heads,
+        "model.vocab_size": m.vocab_size,
+        "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        "model.seq_length": m.seq_length,
+        "model.rotary_base": m.rotary_base,
+        "mtp.n_heads": mtp.n_heads,
+        "parallel.tp": par.tp,
+        "parallel.pp": par.pp,
+        "train.iters": train.iters,
+        "train.micro_batch_size": train.micro_batch_size,
+        "train.global_batch_size": train.global_batch_size,
+        "logging.log_interval": cfg.logging.log_interval,
+    }
+    for name in sorted(n for n, value in positive.items() if value < 1):
+        out.bad.add(name)
+        out.add(name, f"must be >= 1, got {positive[name]}", "use a positive value")
+    if m.num_query_groups is not None and m.num_query_groups < 1:
+        out.add("model.num_query_groups", f"must be >= 1 or null, got {m.num_query_groups}", "use null for MHA")
+        out.bad.add("model.num_query_groups")
+    ffn = m.resolved_ffn_hidden_size()
+    if ffn < 1:
+        out.add("model.ffn_hidden_size", f"must be >= 1, got {ffn}", "use a positive value or null")
+        out.bad.add("model.ffn_hidden_size")
+
+
+def _check_shapes(cfg: Config, out: _Problems) -> None:
+    """Attention and MLP shapes, and their split over tensor-parallel ranks."""
+    m, par = cfg.model, cfg.parallel
+    ffn = m.resolved_ffn_hidden_size()
+    if not out.bad & {"model.hidden_size", "model.num_attention_heads"}:
+        if m.hidden_size % m.num_attention_heads:
+            out.add(
+                "model.hidden_size",
+                f"{m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}",
+                f"use a multiple of {m.num_attention_heads} or change model.num_attention_heads",
+            )
+    if not out.bad & {"model.num_attention_heads", "parallel.tp"} and m.num_attention_heads % par.tp:
+        out.add(
+            "model.num_attention_heads",
+            f"{m.num_attention_heads} heads cannot be split over parallel.tp={par.tp} ranks",
+            f"make tp divide the head count ({_divisors(m.num_attention_heads)})",
+        )
+    if m.num_query_groups is not None and not out.bad & {"model.num_query_groups", "parallel.tp"}:
+        g = m.num_query_groups
+        if "model.num_attention_heads" not in out.bad and m.num_attention_heads % g:
+            out.add(
+                "model.num_query_groups",
+                f"{g} does not divide num_attention_heads={m.num_attention_heads}",
+                f"use one of {_divisors(m.num_attention_heads)}",
+            )
+        if g % par.tp:
+            out.add(
+                "model.num_query_groups",
+                f"{g} key/value groups cannot be split over parallel.tp={par.tp} ranks",
+                f"make tp divide num_query_groups ({_divisors(g)})",
+            )
+    if not out.bad & {"model.ffn_hidden_size", "parallel.tp"} and ffn % par.tp:
+        out.add(
+            "model.ffn_hidden_size",
+            f"{ffn} is not divisible by parallel.tp={par.tp}",
+            f"use a multiple of {par.tp} or change parallel.tp",
+        )
+    for name, p in (("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)):
+        if not 0.0 <= p < 1.0:
+            out.add(name, f"must be in [0, 1), got {p}", "use 0.0 for pre-training")
+    if not m.norm_epsilon > 0:
+        out.add("model.norm_epsilon", f"must be > 0, got {m.norm_epsilon}", "use 1e-5")
+    if not m.init_method_std > 0:
+        out.add("model.init_method_std", f"must be > 0, got {m.init_method_std}", "use 0.02")
+
+
+def _check_trunk_and_heads(cfg: Config, out: _Problems) -> None:
+    """The trunk is what pipeline stages split; the heads all sit on the last stage."""
+    m, mtp, par = cfg.model, cfg.mtp, cfg.parallel
+    if out.bad & {"model.num_layers", "mtp.n_heads"}:
+        return
+    if "model.seq_length" not in out.bad and m.seq_length <= mtp.n_heads:
+        out.add(
+            "model.seq_length",
+            f"{m.seq_length} leaves head {mtp.n_heads} (predicting token t+{mtp.n_heads}) without any target",
+            f"use seq_length > mtp.n_heads={mtp.n_heads}",
+        )
+    trunk = cfg.trunk_num_layers()
+    if mtp.match_params:
+        taken = f"num_layers {m.num_layers} - n_heads {mtp.n_heads}, as mtp.match_params is set"
+        fix = f"set model.num_layers > mtp.n_heads (>= {mtp.n_heads + 1}) or mtp.match_params=false"
+    else:
+        taken = f"num_layers {m.num_layers} - 1 for head 1"
+        fix = "set model.num_layers >= 2"
+    if trunk < 1:
+        out.add("model.num_layers", f"leaves {trunk} trunk layers ({taken})", fix)
+    elif "parallel.pp" not in out.bad and trunk % par.pp:
+        # Suggest the pp values that fit, and the nearest layer counts that fit this pp.
+        offset = m.num_layers - trunk
+        lower, upper = (trunk // par.pp) * par.pp, (trunk // par.pp + 1) * par.pp
+        layers = [n + offset for n in (lower, upper) if n >= 1]
+        out.add(
+            "parallel.pp",
+            f"pp={par.pp} does not divide the trunk's {trunk} layers ({taken})",
+            f"set parallel.pp to one of {_divisors(trunk)}, or model.num_layers to "
+            f"{' or '.join(str(n) for n in layers)}",
+        )
+
+
+def _check_parallel(cfg: Config, out: _Problems) -> None:
+    """Overlap settings (megatron allows param-gather overlap only on top of grad-reduce overlap)."""
+    par = cfg.parallel
+    if par.overlap_param_gather and par.sharding != "distributed_optimizer":
+        out.add(
+            "parallel.overlap_param_gather",
+            f"needs sharding=distributed_optimizer (there is no parameter all-gather with sharding={par.sharding})",
+            "set parallel.sharding=distributed_optimizer or parallel.overlap_param_gather=false",
+        )
+    if par.overlap_param_gather and not par.overlap_grad_reduce:
+        out.add(
+            "parallel.overlap_param_gather",
+            "needs overlap_grad_reduce=true (megatron's rule)",
+            "set parallel.overlap_grad_reduce=true",
+        )
+
+
+def _check_optim(cfg: Config, out: _Problems) -> None:
+    """Optimizer and learning-rate schedule."""
+    opt = cfg.optim
+    if not opt.lr > 0:
+        out.add("optim.lr", f"must be > 0, got {opt.lr}", "use e.g. 3e-4")
+    if not 0.0 <= opt.min_lr_ratio <= 1.0:
+        out.add("optim.min_lr_ratio", f"must be in [0, 1], got {opt.min_lr_ratio}", "use 0.03 (code) or 0.1 (text)")
+    if not opt.weight_decay >= 0:
+        out.add("optim.weight_decay", f"must be >= 0, got {opt.weight_decay}", "use 0.1")
+    for name, beta in (("optim.adam_beta1", opt.adam_beta1), ("optim.adam_beta2", opt.adam_beta2)):
+        if not 0.0 <= beta < 1.0:
+            out.add(name, f"must be in [0, 1), got {beta}", "use 0.9 for beta1, 0.95 for beta2")
+    if not opt.adam_eps > 0:
+        out.add("optim.adam_eps", f"must be > 0, got {opt.adam_eps}", "use 1e-8")
+    if not opt.clip_grad >= 0:
+        out.add("optim.clip_grad", f"must be >= 0 (0 disables clipping), got {opt.clip_grad}", "use 1.0")
+    if opt.warmup_iters < 0:
+        out.add("optim.warmup_iters", f"must be >= 0, got {opt.warmup_iters}", "use 0 for no warmup")
+    if opt.decay_iters is not None and opt.decay_iters < 1:
+        out.add("optim.decay_iters", f"must be >= 1 or null, got {opt.decay_iters}", "use null for train.iters")
+    # Megatron's scheduler asserts warmup < decay. With decay_iters null a run shorter than the warmup is fine
+    # (it ends during warmup; resolved_decay_iters keeps the scheduler valid), so only an explicit value can clash.
+    if opt.decay_iters is not None and opt.decay_iters >= 1 and opt.warmup_iters >= opt.decay_iters:
+        out.add(
+            "optim.warmup_iters",
+            f"{opt.warmup_iters} is not below optim.decay_iters={opt.decay_iters} (megatron's scheduler needs "
+            f"warmup < decay)",
+            f"use warmup_iters < {opt.decay_iters}, raise optim.decay_iters, or set it to null (= train.iters)",
+        )
+
+
+def _check_run(cfg: Config, out: _Problems) -> None:
+    """Batch shape, precision, evaluation, data and checkpoint settings."""
+    train = cfg.train
+    if not out.bad & {"train.micro_batch_size", "train.global_batch_size"}:
+        if train.global_batch_size % train.micro_batch_size:
+            out.add(
+                "train.global_batch_size",
+                f"{train.global_batch_size} is not a multiple of micro_batch_size={train.micro_batch_size}",
+                f"use a multiple of {train.micro_batch_size}",
+            )
+    if train.precision == "fp16" and train.device == "cpu":
+        out.add(
+            "train.precision",
+            "fp16 needs a GPU (dynamic loss scaling and megatron's fp16 optimizer, with or without the "
+            "distributed optimizer, run on CUDA only)",
+            "use precision=fp32 or bf16 on CPU, or train.device=cuda",
+        )
+    if train.eval_interval < 0:
+        out.add("train.eval_interval", f"must be >= 0, got {train.eval_interval}", "use 0 to never evaluate")
+    if train.eval_interval > 0 and train.eval_iters < 1:
+        out.add("train.eval_iters", f"must be >= 1 when evaluating, got {train.eval_iters}", "use e.g. 10")
+
+    if cfg.data.num_workers < 0:
+        out.add("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}", "use 0 to load in-process")
+    if not _valid_split(cfg.data.split):
+        out.add(
+            "data.split",
+            f"{cfg.data.split!r} is not up to three non-negative comma-separated weights with a positive first one",
+            "use e.g. 969,30,1",
+        )
+    if cfg.checkpoint.interval < 0:
+        out.add("checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}", "use 0 to never save")
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _valid_split(split: str) -> bool:
+    try:
+        weights = [float(w) for w in split.split(",")]
+    except ValueError:
+        return False
+    return len(weights) <= 3 and all(w >= 0 for w in weights) and weights[0] > 0
