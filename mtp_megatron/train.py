@@ -9,12 +9,13 @@ import argparse
 import os
 import sys
 
-from mtp_megatron.config import Config, format_config_help, load_config, save_resolved_config, validate_for_world
+from mtp_megatron.config import Config, ConfigError, format_config_help, load_config, save_resolved_config, validate_for_world
 
 
 def train(cfg: Config):
     """Run one training job in this process (one rank of the job); returns every step's result."""
     # Heavy imports here: `--help` and config errors answer without importing megatron-core.
+    from mtp_megatron.checkpoint.weights import load_weights
     from mtp_megatron.data.datasets import build_datasets
     from mtp_megatron.distributed.parallel import destroy_distributed, init_distributed
     from mtp_megatron.model.builder import build_model, wrap_model
@@ -30,6 +31,8 @@ def train(cfg: Config):
             save_resolved_config(cfg, run_dir)
 
         model = wrap_model(build_model(cfg, env), cfg, env)
+        if cfg.checkpoint.load:
+            load_weights(model, cfg.checkpoint.load)  # before the optimizer copies the weights
 
         samples = cfg.train.iters * cfg.train.global_batch_size
         eval_runs = cfg.train.iters // cfg.train.eval_interval + 1 if cfg.train.eval_interval else 0
@@ -50,7 +53,7 @@ def train(cfg: Config):
         destroy_distributed()
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (configs/tiny.yaml, configs/13b.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. mtp.n_heads=2")
@@ -58,11 +61,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.help_config:
         print(format_config_help())
-        return
+        return 0
     # Every config error surfaces here, before any process group or model exists.
-    cfg = load_config(args.config, args.overrides)
-    validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     train(cfg)
+    return 0
 
 
 if __name__ == "__main__":

@@ -235,10 +235,13 @@ class CheckpointConfig:
     """Saving and loading."""
 
     interval: int = 0
-    """Save a checkpoint every this many steps; 0 = never."""
+    """Save the model weights (a megatron-core distributed checkpoint, loadable at any TP x PP) to
+    ``<run.dir>/checkpoints/iter_NNNNNNN`` every this many steps and at the end; 0 = never. Optimizer state and
+    exact resume are not part of it yet."""
 
     load: Optional[str] = None
-    """Checkpoint folder to resume from. None = start from scratch."""
+    """Checkpoint folder whose model weights initialise this run (saved at any TP x PP layout, e.g. a seed
+    checkpoint or another run's ``iter_NNNNNNN``). None = fresh initialisation."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
+from mtp_megatron.checkpoint.weights import save_weights
 from mtp_megatron.config import Config
 from mtp_megatron.data.loader import microbatches
 from mtp_megatron.distributed.parallel import ParallelEnv
@@ -53,6 +55,8 @@ def fit(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, train_data, 
             step % cfg.train.eval_interval == 0 or step == cfg.train.iters
         ):
             logger.log(step, evaluate(cfg, env, model, valid_data).as_dict(prefix="val/"))
+        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.iters):
+            save_weights(model, os.path.join(cfg.run.dir, "checkpoints", f"iter_{step:07d}"))
     return history
 
 
