@@ -7,8 +7,9 @@ every parameter's gradient (trunk, heads, shared norm, unembedding) as held in m
 
 from __future__ import annotations
 
+import os
+
 import pytest
-import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 
@@ -24,9 +25,9 @@ LOSS_RTOL = 1e-6
 LOSS_SCALE = 1024.0
 
 
-def _case_overrides(tp: int, pp: int, n: int, sharding: str, world: int) -> list[str]:
+def _case_overrides(tp: int, pp: int, n: int, sharding: str, world: int, extra: tuple = ()) -> list[str]:
     dp = world // (tp * pp)
-    return [
+    return [*extra,
         f"parallel.tp={tp}", f"parallel.pp={pp}", f"mtp.n_heads={n}", f"parallel.sharding={sharding}",
         "model.num_layers=5", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
         "model.vocab_size=512", "model.seq_length=32", "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
@@ -35,49 +36,53 @@ def _case_overrides(tp: int, pp: int, n: int, sharding: str, world: int) -> list
     ]
 
 
-def _gradients(model, cfg, env, batches, num_microbatches: int, sequential: bool):
-    if env.is_last_stage:
-        model.module.mtp_heads.sequential_backward = sequential
+def _gradients(overrides: list[str], sequential: bool):
+    """Build a fresh model (the same seed gives the same weights) and run one forward-backward in one order.
+
+    Each order gets its own model, as in training: megatron DDP records in the first iteration how often each
+    parameter's gradient hook fires (once per head for the shared norm and unembedding in the sequential order)
+    and expects the same count afterwards.
+    """
+    cfg = load_config(None, [*overrides, f"mtp.sequential_backward={str(sequential).lower()}"])
+    env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
+    model = wrap_model(build_model(cfg, env), cfg, env)
+    config = model.config
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = lambda loss: loss * LOSS_SCALE
+    num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+    batches = random_microbatches(num_microbatches, cfg.train.micro_batch_size, cfg.model.seq_length,
+                                  cfg.model.vocab_size, seed=100 + env.dp_rank)
     model.zero_grad_buffer()
     losses = run_forward_backward([model], iter(batches), num_microbatches, cfg, forward_only=False)
     stats = reduce_head_stats(losses, cfg.mtp.n_heads, env).stats
     grads = {name: p.main_grad.detach().clone() for name, p in model.named_parameters()}
-    return grads, stats
+    is_last_stage = env.is_last_stage
+    parallel_state.destroy_model_parallel()
+    return grads, stats, is_last_stage
 
 
-def compare_orders(cases: list[tuple[int, int, int, str]]) -> list[dict]:
-    """Per rank: for each (tp, pp, n, sharding), the worst gradient and loss relative errors."""
-    world = int(__import__("os").environ["WORLD_SIZE"])
+def compare_orders(cases: list[tuple]) -> list[dict]:
+    """Per rank: for each (tp, pp, n, sharding[, extra overrides]), the worst gradient and loss relative errors."""
+    world = int(os.environ["WORLD_SIZE"])
     report = []
-    for tp, pp, n, sharding in cases:
-        cfg = load_config(None, _case_overrides(tp, pp, n, sharding, world))
-        env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
-        model = wrap_model(build_model(cfg, env), cfg, env)
-        config = model.config
-        config.no_sync_func = model.no_sync
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = lambda loss: loss * LOSS_SCALE
-        num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
-        batches = random_microbatches(num_microbatches, cfg.train.micro_batch_size, cfg.model.seq_length,
-                                      cfg.model.vocab_size, seed=100 + env.dp_rank)
-
-        naive_grads, naive_stats = _gradients(model, cfg, env, batches, num_microbatches, sequential=False)
-        seq_grads, seq_stats = _gradients(model, cfg, env, batches, num_microbatches, sequential=True)
-
+    for tp, pp, n, sharding, *extra in cases:
+        overrides = _case_overrides(tp, pp, n, sharding, world, *extra)
+        naive_grads, naive_stats, has_heads = _gradients(overrides, sequential=False)
+        seq_grads, seq_stats, _ = _gradients(overrides, sequential=True)
         grad_errors = {
             name: ((seq_grads[name] - g).norm() / g.norm().clamp(min=1e-30)).item() for name, g in naive_grads.items()
         }
         report.append(
             {
-                "case": (tp, pp, n, sharding),
+                "case": (tp, pp, n, sharding, *extra),
                 "grad_errors": grad_errors,
                 "zero_grads": [name for name, g in naive_grads.items() if g.norm() == 0],
                 "loss_error": ((seq_stats - naive_stats).abs().max() / naive_stats.abs().max()).item(),
                 "head_tokens": naive_stats[:, 2].tolist(),
-                "has_heads": env.is_last_stage,
+                "has_heads": has_heads,
             }
         )
-        parallel_state.destroy_model_parallel()
     return report
 
 
@@ -101,10 +106,14 @@ def _check(reports: list[list[dict]]) -> None:
 
 @pytest.mark.distributed
 def test_sequential_equals_naive_tp2_pp2_dp2():
-    """World 2: TP=2, PP=2 and DP=2 (the last with megatron's distributed optimizer), n = 1, 2, 4."""
+    """World 2: TP=2, PP=2 and DP=2 (the last with megatron's distributed optimizer), n = 1, 2, 4; plus overlapped
+    gradient reduction under PP and full activation recomputation under TP."""
     cases = [(2, 1, n, "none") for n in (1, 2, 4)]
     cases += [(1, 2, n, "none") for n in (1, 2, 4)]
     cases += [(1, 1, n, "distributed_optimizer") for n in (1, 2, 4)]
+    # Overlapped grad reduce under PP: head gradient hooks must fire in backward, where 1F1B expects them.
+    cases += [(1, 2, 4, "distributed_optimizer", ("parallel.overlap_grad_reduce=true",))]
+    cases += [(2, 1, 4, "none", ("train.recompute=full",))]
     _check(run_distributed(compare_orders, 2, cases))
 
 
