@@ -304,10 +304,6 @@ class Config:
         model's layers."""
         return self.model.num_layers - (self.mtp.n_heads if self.mtp.match_params else 1)
 
-    def head_layers(self) -> int:
-        """Transformer layers in the heads: one per head, all on the last pipeline stage."""
-        return self.mtp.n_heads
-
 
 def sections() -> List[Tuple[str, type]]:
     """(name, class) of each section of ``Config``, in declaration order."""

@@ -82,12 +82,3 @@ class MTPGPTModel(GPTModel):
         head_labels, head_masks = shift_targets(labels, loss_mask, self.mtp_heads.n_heads)
         inputs = HeadInputs(head_labels, head_masks, attention_mask, rotary_pos_emb)
         return self.mtp_heads(hidden, inputs)
-
-    def head_logits(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor]) -> list:
-        """Per-head vocab-parallel logits [s, b, V/tp] on a single-stage model (evaluation and decoding)."""
-        decoder_input, rotary_pos_emb, *_ = self._preprocess(input_ids=input_ids, position_ids=position_ids)
-        hidden = self.decoder(
-            hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
-        )
-        inputs = HeadInputs([], [], attention_mask, rotary_pos_emb)
-        return [self.mtp_heads.logits(k, hidden, inputs) for k in range(self.mtp_heads.n_heads)]

@@ -68,6 +68,6 @@ def test_padded_vocab_size_is_megatrons(vocab, divisible_by, tp, expected):
 def test_trunk_and_head_layers():
     cfg = Config()
     cfg.model.num_layers, cfg.mtp.n_heads = 32, 4
-    assert (cfg.trunk_num_layers(), cfg.head_layers()) == (31, 4)  # trunk = the n=1 model's layers[:-1]
+    assert cfg.trunk_num_layers() == 31  # trunk = the n=1 model's layers[:-1]
     cfg.mtp.match_params = True
-    assert (cfg.trunk_num_layers(), cfg.head_layers()) == (28, 4)  # trunk + heads = the n=1 model's 32 layers
+    assert cfg.trunk_num_layers() == 28  # trunk + heads = the n=1 model's 32 layers
