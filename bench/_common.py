@@ -1,0 +1,283 @@
+"""Shared plumbing of the benchmarks: one process (world size 1), variants built through the package as training does.
+
+Every variant is built from a ``Config`` (``load_config(None, overrides)``) with the package's own builder, megatron
+DDP wrapper, optimizer, LR scheduler, schedule hooks and mock-data pipeline, and stepped with
+``mtp_megatron.training.step`` (``train_step`` / ``run_forward_backward``), i.e. exactly the code path of
+``python -m mtp_megatron.train``, minus logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import os
+import platform
+import statistics
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # so `python bench/x.py` works from anywhere without PYTHONPATH
+    sys.path.insert(0, REPO_ROOT)
+
+# megatron-core warns once per missing optional dependency (Apex, Transformer Engine) on import: keep tables clean.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+warnings.filterwarnings("ignore", category=FutureWarning)
+# megatron's distributed optimizer reads .grad of its (non-leaf) shard views in zero_grad: harmless, once per run.
+warnings.filterwarnings("ignore", message=".*non-leaf Tensor.*")
+logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)  # "Unable to save MockGPTDataset indexes"
+
+import torch  # noqa: E402
+
+from mtp_megatron.config import Config, load_config  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def add_shape_args(parser, *, trunk_layers: int, seq: int, hidden: int = 256, heads: int = 4, vocab: int = 32000,
+                   mbs: int = 1, n_heads: int = 4) -> None:
+    """Model-shape and device options shared by both benchmarks."""
+    g = parser.add_argument_group("shape")
+    g.add_argument("--vocab", type=int, default=vocab, help="model.vocab_size (default %(default)s)")
+    g.add_argument("--seq", type=int, default=seq, help="model.seq_length (default %(default)s)")
+    g.add_argument("--hidden", type=int, default=hidden, help="model.hidden_size (default %(default)s)")
+    g.add_argument("--attn-heads", type=int, default=heads, help="model.num_attention_heads (default %(default)s)")
+    g.add_argument("--ffn", type=int, default=None,
+                   help="model.ffn_hidden_size (default: the package's rule, swiglu int(8h/3) rounded up to 256)")
+    g.add_argument("--trunk-layers", type=int, default=trunk_layers,
+                   help="trunk layers shared by every variant (model.num_layers = this + 1, mtp.match_params=false, "
+                        "so n=4 adds 3 head layers on the same trunk; default %(default)s)")
+    g.add_argument("--mbs", type=int, default=mbs, help="train.micro_batch_size (default %(default)s)")
+    g.add_argument("--n-heads", type=int, default=n_heads, help="MTP heads of the multi-head variants "
+                                                               "(default %(default)s)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="train.device; auto = cuda when a GPU is visible (default %(default)s)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="train.precision; auto = fp32 on CPU, bf16 on GPU (default %(default)s)")
+    g.add_argument("--impl", choices=["auto", "local", "transformer_engine"], default="auto",
+                   help="model.transformer_impl (default %(default)s)")
+    g.add_argument("--seed", type=int, default=1234, help="train.seed (default %(default)s)")
+    g.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra config overrides applied to every variant, e.g. train.recompute=selective")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    n_heads: int
+    sequential: bool
+
+
+def variants(n_heads: int) -> list[Variant]:
+    """n=1 (a plain GPT), then n heads in the naive and in the sequential order, on the same trunk."""
+    return [Variant("n=1", 1, True), Variant(f"n={n_heads} naive", n_heads, False),
+            Variant(f"n={n_heads} sequential", n_heads, True)]
+
+
+def make_config(args, variant: Variant, extra: tuple = ()) -> Config:
+    overrides = [
+        f"model.vocab_size={args.vocab}",
+        f"model.seq_length={args.seq}",
+        f"model.hidden_size={args.hidden}",
+        f"model.num_attention_heads={args.attn_heads}",
+        f"model.num_layers={args.trunk_layers + 1}",
+        f"model.transformer_impl={args.impl}",
+        "mtp.match_params=false",
+        f"mtp.n_heads={variant.n_heads}",
+        f"mtp.sequential_backward={str(variant.sequential).lower()}",
+        f"train.micro_batch_size={args.mbs}",
+        f"train.global_batch_size={args.mbs}",  # one microbatch per step (world size 1, dp 1)
+        f"train.device={args.device}",
+        f"train.precision={args.precision}",
+        f"train.seed={args.seed}",
+        "train.iters=1000",  # only the LR schedule's length; keeps megatron's scheduler happy (warmup < decay)
+        "logging.tensorboard=false",
+        "run.dir=runs/bench",
+    ]
+    if args.ffn is not None:
+        overrides.append(f"model.ffn_hidden_size={args.ffn}")
+    return load_config(None, overrides + list(extra) + list(args.set))
+
+
+_ENV = None
+
+
+def init_env(cfg: Config):
+    """World-size-1 process group and megatron parallel state, once per process (shared by all variants)."""
+    global _ENV
+    if _ENV is None:
+        from mtp_megatron.distributed.parallel import init_distributed
+
+        _ENV = init_distributed(cfg.parallel, cfg.train.device, cfg.train.seed)
+    return _ENV
+
+
+def shutdown() -> None:
+    from mtp_megatron.distributed.parallel import destroy_distributed
+
+    destroy_distributed()
+
+
+_DATASETS: dict = {}
+
+
+def _dataset(cfg: Config, samples: int):
+    """The mock GPT dataset of this shape, built once and shared, so every variant sees the same tokens."""
+    key = (cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
+    if key not in _DATASETS or len(_DATASETS[key]) < samples:
+        from mtp_megatron.data.datasets import build_datasets
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the builder's progress lines
+            _DATASETS[key], _ = build_datasets(cfg, samples, 0)
+    return _DATASETS[key]
+
+
+@dataclass
+class Trainer:
+    """One variant, built exactly as ``mtp_megatron.train.train`` builds a run."""
+
+    cfg: Config
+    env: object
+    model: object
+    optimizer: object
+    scheduler: object
+    data: Iterator[dict]
+
+    def train_step(self):
+        from mtp_megatron.training.step import train_step
+
+        return train_step([self.model], self.optimizer, self.scheduler, self.data, 1, self.cfg, self.env)
+
+    def forward_backward(self):
+        """One microbatch's forward + backward through megatron-core's schedule, as ``train_step`` runs it."""
+        from mtp_megatron.training.step import run_forward_backward
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = run_forward_backward([self.model], self.data, 1, self.cfg, forward_only=False)
+        return losses
+
+    def head_losses(self, losses) -> list[float]:
+        from mtp_megatron.training.step import reduce_head_stats
+
+        return reduce_head_stats(losses, self.cfg.mtp.n_heads, self.env).head_loss
+
+
+def build_trainer(cfg: Config, max_steps: int) -> Trainer:
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from mtp_megatron.data.loader import microbatches
+    from mtp_megatron.model.builder import build_model, wrap_model
+    from mtp_megatron.training.loop import connect_schedule_hooks
+    from mtp_megatron.training.optimizer import build_optimizer, build_scheduler
+
+    env = init_env(cfg)
+    # Same seed before every build: the trunk (built first) gets the same weights in every variant, and the two
+    # n-head variants are identical models (their losses must agree; the benchmarks print them).
+    torch.manual_seed(cfg.train.seed)
+    model_parallel_cuda_manual_seed(cfg.train.seed)
+    model = wrap_model(build_model(cfg, env), cfg, env)
+    optimizer = build_optimizer(cfg, [model], env.groups)
+    scheduler = build_scheduler(cfg, optimizer)
+    connect_schedule_hooks(model, optimizer, cfg)
+    samples = max_steps * cfg.train.global_batch_size
+    data = microbatches(_dataset(cfg, samples), 0, cfg.train.micro_batch_size, env.dp_rank, env.dims.dp, env.device)
+    return Trainer(cfg, env, model, optimizer, scheduler, data)
+
+
+def release(trainer: Optional[Trainer]) -> None:
+    """Drop a variant's model, grads and optimizer state before the next one is built.
+
+    The schedule hooks that ``connect_schedule_hooks`` stores on the model's TransformerConfig (notably
+    ``grad_scale_func = optimizer.scale_loss``) close a model -> config -> optimizer -> model cycle that Python's
+    garbage collector does not reclaim here (measured: the whole variant, ~330 MiB at the head_memory defaults,
+    stayed alive); unhooking them first lets the variant be freed.
+    """
+    if trainer is not None and trainer.model is not None:
+        for name in ("grad_scale_func", "no_sync_func", "finalize_model_grads_func", "grad_sync_func",
+                     "param_sync_func"):
+            setattr(trainer.model.config, name, None)
+    if trainer is not None:
+        trainer.model = trainer.optimizer = trainer.scheduler = trainer.data = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def held_bytes(trainer: Trainer) -> int:
+    """Bytes of the tensors a variant holds between steps: parameters, DDP grad buffers, optimizer state.
+
+    Counted per distinct storage, so views (megatron's params and main_grads live inside flat buffers; the
+    distributed optimizer's fp32 shards may view the params) are not counted twice.
+    """
+    storages = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.numel():
+            s = t.untyped_storage()
+            storages[(s.device.type, s.data_ptr())] = s.nbytes()
+
+    for p in trainer.model.parameters():
+        add(p)
+        add(getattr(p, "main_grad", None))
+    for buffer in list(getattr(trainer.model, "buffers", [])) + list(getattr(trainer.model,
+                                                                             "expert_parallel_buffers", [])):
+        add(getattr(buffer, "param_data", None))
+        add(getattr(buffer, "grad_data", None))
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        inner = getattr(opt, "optimizer", opt)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                add(p)
+        for state in inner.state.values():
+            for v in state.values():
+                add(v)
+    return sum(storages.values())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def machine_line(device: torch.device) -> str:
+    import megatron.core
+
+    if device.type == "cuda":
+        where = f"GPU {torch.cuda.get_device_name()}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        where = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = "; load average (1 min) now %.2f" % os.getloadavg()[0]
+    return (f"{where}; python {platform.python_version()}, torch {torch.__version__}, "
+            f"megatron-core {megatron.core.__version__}{load}")
+
+
+def table(headers: list[str], rows: list[list], aligns: Optional[str] = None) -> str:
+    """A plain Markdown table (readable in a terminal, pasteable into docs)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    aligns = aligns or "l" + "r" * (len(headers) - 1)
+
+    def fmt(row):
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, aligns)) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, aligns)) + "|"
+    return "\n".join([fmt(cells[0]), sep] + [fmt(r) for r in cells[1:]])
