@@ -173,19 +173,14 @@ def build_trainer(cfg: Config, max_steps: int) -> Trainer:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from mtp_megatron.data.loader import microbatches
-    from mtp_megatron.model.builder import build_model, wrap_model
-    from mtp_megatron.training.loop import connect_schedule_hooks
-    from mtp_megatron.training.optimizer import build_optimizer, build_scheduler
+    from mtp_megatron.training.setup import setup_model_and_optimizer
 
     env = init_env(cfg)
     # Same seed before every build: the trunk (built first) gets the same weights in every variant, and the two
     # n-head variants are identical models (their losses must agree; the benchmarks print them).
     torch.manual_seed(cfg.train.seed)
     model_parallel_cuda_manual_seed(cfg.train.seed)
-    model = wrap_model(build_model(cfg, env), cfg, env)
-    optimizer = build_optimizer(cfg, [model], env.groups)
-    scheduler = build_scheduler(cfg, optimizer)
-    connect_schedule_hooks(model, optimizer, cfg)
+    model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
     samples = max_steps * cfg.train.global_batch_size
     data = microbatches(_dataset(cfg, samples), 0, cfg.train.micro_batch_size, env.dp_rank, env.dims.dp, env.device)
     return Trainer(cfg, env, model, optimizer, scheduler, data)

@@ -9,19 +9,24 @@ import argparse
 import os
 import sys
 
-from mtp_megatron.config import Config, ConfigError, format_config_help, load_config, save_resolved_config, validate_for_world
+from mtp_megatron.config import (
+    Config,
+    ConfigError,
+    format_config_help,
+    load_config,
+    save_resolved_config,
+    validate_for_world,
+)
 
 
 def train(cfg: Config):
     """Run one training job in this process (one rank of the job); returns every step's result."""
     # Heavy imports here: `--help` and config errors answer without importing megatron-core.
-    from mtp_megatron.checkpoint.weights import load_weights
     from mtp_megatron.data.datasets import build_datasets
     from mtp_megatron.distributed.parallel import destroy_distributed, init_distributed
-    from mtp_megatron.model.builder import build_model, wrap_model
-    from mtp_megatron.training.loop import connect_schedule_hooks, fit
+    from mtp_megatron.training.loop import fit
     from mtp_megatron.training.metrics import MetricsLogger
-    from mtp_megatron.training.optimizer import build_optimizer, build_scheduler
+    from mtp_megatron.training.setup import setup_model_and_optimizer
 
     env = init_distributed(cfg.parallel, cfg.train.device, cfg.train.seed)
     try:
@@ -30,19 +35,12 @@ def train(cfg: Config):
             os.makedirs(run_dir, exist_ok=True)
             save_resolved_config(cfg, run_dir)
 
-        model = wrap_model(build_model(cfg, env), cfg, env)
-        if cfg.checkpoint.load:
-            load_weights(model, cfg.checkpoint.load)  # before the optimizer copies the weights
+        model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
 
-        samples = cfg.train.iters * cfg.train.global_batch_size
-        eval_runs = cfg.train.iters // cfg.train.eval_interval + 1 if cfg.train.eval_interval else 0
-        train_data, valid_data = build_datasets(
-            cfg, samples, cfg.train.eval_iters * cfg.train.global_batch_size if eval_runs else 0
-        )
-
-        optimizer = build_optimizer(cfg, [model], env.groups)
-        scheduler = build_scheduler(cfg, optimizer)
-        connect_schedule_hooks(model, optimizer, cfg)
+        batch = cfg.train.global_batch_size
+        # Validation re-reads the same first eval_iters batches of the valid split each time.
+        valid_samples = cfg.train.eval_iters * batch if cfg.train.eval_interval else 0
+        train_data, valid_data = build_datasets(cfg, cfg.train.iters * batch, valid_samples)
 
         logger = MetricsLogger(cfg, run_dir, env.rank, env.dims.world_size)
         try:

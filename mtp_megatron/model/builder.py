@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import init_method_normal, scaled_init_method_normal
+from megatron.core.utils import scaled_init_method_normal
 
 from mtp_megatron.config import Config
 from mtp_megatron.distributed.parallel import ParallelEnv
@@ -62,7 +62,6 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
     config = TransformerConfig(**kwargs)
     # Initialise as the plain GPT of the same depth would: the residual-output init is scaled by the total
     # number of layers the signal passes through (trunk + one head), not by the trunk alone.
-    config.init_method = init_method_normal(m.init_method_std)
     config.output_layer_init_method = scaled_init_method_normal(
         m.init_method_std, cfg.trunk_num_layers() + 1, multiplier=2.0
     )

@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mtp_megatron.distributed.parallel import destroy_distributed, free_port
 
 
 def _worker(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:
@@ -39,15 +34,13 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, a
         raise SystemExit(1)
     finally:
         if torch.distributed.is_initialized():
-            from mtp_megatron.distributed.parallel import destroy_distributed
-
             destroy_distributed()
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600) -> list:
     """Run ``fn(*args)`` on ``world_size`` ranks; returns the per-rank results in rank order."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, out_dir, args)) for r in range(world_size)]
         for p in procs:

@@ -13,15 +13,14 @@ import os
 import pytest
 from megatron.core import parallel_state
 
-from mtp_megatron.checkpoint.weights import load_weights, save_weights
+from mtp_megatron.checkpoint.weights import save_weights
 from mtp_megatron.config import load_config
 from mtp_megatron.data.datasets import build_datasets
 from mtp_megatron.distributed.parallel import init_distributed
-from mtp_megatron.model.builder import build_model, wrap_model
 from mtp_megatron.testing.distributed import run_distributed
-from mtp_megatron.training.loop import connect_schedule_hooks, fit
+from mtp_megatron.training.loop import fit
 from mtp_megatron.training.metrics import MetricsLogger
-from mtp_megatron.training.optimizer import build_optimizer, build_scheduler
+from mtp_megatron.training.setup import setup_model_and_optimizer
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 STEPS = 4
@@ -31,20 +30,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def train_each_layout(tmp: str) -> dict:
     losses = {}
+    initial_weights = f"{tmp}/initial_weights"
     for tp, pp in LAYOUTS:
+        reference = (tp, pp) == LAYOUTS[0]
         cfg = load_config(
             os.path.join(REPO, "configs/tiny.yaml"),
             [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.iters={STEPS}", "model.seq_length=64",
-             f"run.dir={tmp}/run_tp{tp}pp{pp}", "logging.tensorboard=false"],
+             f"run.dir={tmp}/run_tp{tp}pp{pp}", "logging.tensorboard=false",
+             f"checkpoint.load={'null' if reference else initial_weights}"],
         )
         env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
-        model = wrap_model(build_model(cfg, env), cfg, env)
-        if (tp, pp) == LAYOUTS[0]:
-            save_weights(model, f"{tmp}/initial_weights")
-        load_weights(model, f"{tmp}/initial_weights")
-        optimizer = build_optimizer(cfg, [model], env.groups)
-        scheduler = build_scheduler(cfg, optimizer)
-        connect_schedule_hooks(model, optimizer, cfg)
+        model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
+        if reference:
+            save_weights(model, initial_weights)
         train_data, _ = build_datasets(cfg, STEPS * cfg.train.global_batch_size, 0)
         os.makedirs(cfg.run.dir, exist_ok=True)
         logger = MetricsLogger(cfg, cfg.run.dir, env.rank, env.dims.world_size)
