@@ -127,14 +127,14 @@ def shutdown() -> None:
 _DATASETS: dict = {}
 
 
-def _dataset(cfg: Config, samples: int):
+def _dataset(cfg: Config, env, samples: int):
     """The mock GPT dataset of this shape, built once and shared, so every variant sees the same tokens."""
     key = (cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
     if key not in _DATASETS or len(_DATASETS[key]) < samples:
         from mtp_megatron.data.datasets import build_datasets
 
         with contextlib.redirect_stdout(io.StringIO()):  # the builder's progress lines
-            _DATASETS[key], _ = build_datasets(cfg, samples, 0)
+            _DATASETS[key], _ = build_datasets(cfg, env, samples)
     return _DATASETS[key]
 
 
@@ -182,7 +182,7 @@ def build_trainer(cfg: Config, max_steps: int) -> Trainer:
     model_parallel_cuda_manual_seed(cfg.train.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
     samples = max_steps * cfg.train.global_batch_size
-    data = microbatches(_dataset(cfg, samples), 0, cfg.train.micro_batch_size, env.dp_rank, env.dims.dp, env.device)
+    data = microbatches(_dataset(cfg, env, samples), 0, cfg, env)
     return Trainer(cfg, env, model, optimizer, scheduler, data)
 
 

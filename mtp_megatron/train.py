@@ -37,14 +37,13 @@ def train(cfg: Config):
 
         model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
 
-        batch = cfg.train.global_batch_size
-        # Validation re-reads the same first eval_iters batches of the valid split each time.
-        valid_samples = cfg.train.eval_iters * batch if cfg.train.eval_interval else 0
-        train_data, valid_data = build_datasets(cfg, cfg.train.iters * batch, valid_samples)
+        train_data, valid_data = build_datasets(cfg, env)
 
         logger = MetricsLogger(cfg, run_dir, env.rank, env.dims.world_size)
         try:
-            return fit(cfg, env, model, optimizer, scheduler, train_data, valid_data, logger)
+            history = fit(cfg, env, model, optimizer, scheduler, train_data, valid_data, logger)
+            logger.print_validation_summary()
+            return history
         finally:
             logger.close()
     finally:

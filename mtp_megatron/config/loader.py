@@ -23,8 +23,12 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then each ``section.key=value`` override in order.
 
     Override values are parsed as YAML, so ``[a,b]``, ``true``, ``1e-4`` and ``null`` work. The result is checked
-    with ``validate``; world-size checks come later, with ``validate_for_world``, once the launcher knows it.
+    with ``validate``, then its tokenizer and data files are opened and checked, and a null ``model.vocab_size``
+    becomes the tokenizer's (``mtp_megatron.data.inputs``). World-size checks come later, with
+    ``validate_for_world``, once the launcher knows it.
     """
+    from mtp_megatron.data.inputs import resolve_inputs  # imports the config package: import it once it is loaded
+
     cfg = Config()
     if path is not None:
         for section, values in _read_yaml(path).items():
@@ -34,6 +38,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
         section, key, value = _parse_override(override)
         _set(cfg, section, key, value, source=f"override {override!r}")
     validate(cfg)
+    resolve_inputs(cfg)
     return cfg
 
 

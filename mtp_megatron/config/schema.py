@@ -37,9 +37,10 @@ class ModelConfig:
     """Width of the MLP's inner layer. None = 4*hidden for gelu, or for swiglu the Llama rule int(8*hidden/3)
     rounded up to a multiple of 256 (4096 -> 11008). Must be a multiple of ``parallel.tp``."""
 
-    vocab_size: int = 1024
-    """Tokenizer vocabulary size before padding (32000 for the Llama-2 tokenizer). The embedding and unembedding
-    use ``padded_vocab_size(tp)`` rows."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size before padding. None = the tokenizer's (32000 for the Llama-2 tokenizer, 259 for bytes).
+    A fixed value keeps parameter shapes independent of the tokenizer; it must be at least the tokenizer's. The
+    embedding and unembedding use ``padded_vocab_size(tp)`` rows."""
 
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this times ``parallel.tp``, as Megatron does, so each TP rank holds an
@@ -89,7 +90,10 @@ class ModelConfig:
         return 4 * self.hidden_size
 
     def padded_vocab_size(self, tp: int) -> int:
-        """Vocabulary rows after Megatron's padding: the next multiple of ``make_vocab_size_divisible_by * tp``."""
+        """Vocabulary rows after Megatron's padding: the next multiple of ``make_vocab_size_divisible_by * tp``.
+        Needs ``vocab_size`` resolved (``load_config`` fills it from the tokenizer)."""
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size is unresolved: load the config with load_config, or set it")
         multiple = self.make_vocab_size_divisible_by * tp
         return multiple * math.ceil(self.vocab_size / multiple)
 
@@ -181,18 +185,50 @@ class OptimConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """How text became token ids: must be the tokenizer the data was preprocessed with."""
+
+    type: Optional[Literal["sentencepiece", "byte"]] = None
+    """sentencepiece (a .model file, see tools/train_tokenizer.py) or byte (UTF-8 bytes 0..255 plus EOD, BOS and
+    PAD: 259 ids, for multi-byte prediction). None = sentencepiece when ``model`` is set, else byte."""
+
+    model: Optional[str] = None
+    """Path to the sentencepiece .model file. Its end-of-sequence piece is the EOD that separates documents."""
+
+
+@dataclass
 class DataConfig:
-    """Training data."""
+    """Training data: Megatron indexed datasets (.bin/.idx) read through megatron-core's GPTDataset."""
 
     paths: List[str] = field(default_factory=list)
-    """Megatron indexed-dataset prefixes (the path without .bin/.idx), optionally weighted as in Megatron's blend
-    format: [0.7, /data/a, 0.3, /data/b]. Empty = synthetic tokens from megatron-core's mock GPT dataset."""
+    """Indexed-dataset prefixes (the path without .bin/.idx, e.g. /d/code_text_document), optionally weighted as
+    Megatron's blends: [0.7, /d/a_text_document, 0.3, /d/b_text_document] (weights are normalised; without
+    weights, datasets are mixed in proportion to their token counts). Empty = synthetic tokens from
+    megatron-core's mock GPT dataset."""
 
     split: str = "969,30,1"
-    """Train, validation, test proportions of each dataset, comma separated (Megatron's format)."""
+    """Train, validation, test proportions of each dataset's documents, comma separated (Megatron's format)."""
 
-    num_workers: int = 0
-    """DataLoader worker processes per rank. 0 loads in the training process."""
+    cache_dir: Optional[str] = None
+    """Where megatron-core caches the sample and shuffle indices it builds at start (reused by any run with the
+    same data, split, seed and sequence length). None = ``<run.dir>/data_cache``; point several runs at one
+    shared folder to build them once."""
+
+    reset_position_ids: bool = False
+    """Restart position ids at 0 after each EOD (Megatron's --reset-position-ids). Only learned absolute position
+    embeddings read position ids; rotary embeddings do not."""
+
+    reset_attention_mask: bool = False
+    """Stop attention across EOD: each token sees only its own document (Megatron's --reset-attention-mask). The
+    heads then also skip targets in a later document. Costs a [b, 1, s, s] mask per microbatch and needs the local
+    layer implementation."""
+
+    eod_mask_loss: bool = False
+    """Do not train on predictions made at EOD positions (the next document's first token) (Megatron's
+    --eod-mask-loss)."""
+
+    num_workers: int = 2
+    """DataLoader worker processes on each rank that reads data. 0 loads in the training process."""
 
 
 @dataclass
@@ -285,6 +321,9 @@ class Config:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_iters=5))
     """Optimizer and learning-rate schedule. ``Config()`` shortens the paper's warmup (2000 steps, longer than the
     tiny default run) to 5 and raises lr to 3e-3, which tiny models want; ``OptimConfig()`` alone is the paper's."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer the data was prepared with."""
 
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""

@@ -73,7 +73,6 @@ def _check_sizes(cfg: Config, out: _Problems) -> None:
         "model.num_layers": m.num_layers,
         "model.hidden_size": m.hidden_size,
         "model.num_attention_heads": m.num_attention_heads,
-        "model.vocab_size": m.vocab_size,
         "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
         "model.seq_length": m.seq_length,
         "model.rotary_base": m.rotary_base,
@@ -88,6 +87,9 @@ def _check_sizes(cfg: Config, out: _Problems) -> None:
     for name in sorted(n for n, value in positive.items() if value < 1):
         out.bad.add(name)
         out.add(name, f"must be >= 1, got {positive[name]}", "use a positive value")
+    if m.vocab_size is not None and m.vocab_size < 1:
+        out.add("model.vocab_size", f"must be >= 1 or null, got {m.vocab_size}", "use null for the tokenizer's size")
+        out.bad.add("model.vocab_size")
     if m.num_query_groups is not None and m.num_query_groups < 1:
         out.add("model.num_query_groups", f"must be >= 1 or null, got {m.num_query_groups}", "use null for MHA")
         out.bad.add("model.num_query_groups")
@@ -246,7 +248,25 @@ def _check_run(cfg: Config, out: _Problems) -> None:
     if train.eval_interval > 0 and train.eval_iters < 1:
         out.add("train.eval_iters", f"must be >= 1 when evaluating, got {train.eval_iters}", "use e.g. 10")
 
-    if cfg.data.num_workers < 0:
+    _check_data(cfg, out)
+    if cfg.checkpoint.interval < 0:
+        out.add("checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}", "use 0 to never save")
+
+
+def _check_data(cfg: Config, out: _Problems) -> None:
+    """Data and tokenizer settings that need no file (the files are checked by mtp_megatron.data.inputs)."""
+    tok, data = cfg.tokenizer, cfg.data
+    if tok.type == "sentencepiece" and not tok.model:
+        out.add("tokenizer.model", "is required with tokenizer.type=sentencepiece",
+                "give the .model file the data was preprocessed with (tools/train_tokenizer.py writes one)")
+    if tok.type == "byte" and tok.model:
+        out.add("tokenizer.model", f"is set ({tok.model!r}) but tokenizer.type=byte reads no model file",
+                "drop tokenizer.model, or set tokenizer.type=sentencepiece")
+    if data.reset_attention_mask and cfg.model.transformer_impl == "transformer_engine":
+        out.add("data.reset_attention_mask",
+                "needs an explicit attention mask, which Transformer Engine's causal attention ignores",
+                "set model.transformer_impl=local (or auto, which then picks local)")
+    if data.num_workers < 0:
         out.add("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}", "use 0 to load in-process")
     if not _valid_split(cfg.data.split):
         out.add(
@@ -254,17 +274,25 @@ def _check_run(cfg: Config, out: _Problems) -> None:
             f"{cfg.data.split!r} is not up to three non-negative comma-separated weights with a positive first one",
             "use e.g. 969,30,1",
         )
-    if cfg.checkpoint.interval < 0:
-        out.add("checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}", "use 0 to never save")
+    elif cfg.train.eval_interval > 0 and _split_weights(data.split)[1] == 0:
+        out.add("data.split", f"{data.split!r} gives the validation split no documents, but "
+                f"train.eval_interval={cfg.train.eval_interval} evaluates on it",
+                "give it a share (e.g. 969,30,1) or set train.eval_interval=0")
 
 
 def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _split_weights(split: str) -> List[float]:
+    """Train, valid and test weights of a split string (missing trailing ones are 0); ValueError if not numbers."""
+    weights = [float(w) for w in split.split(",")]
+    return weights + [0.0] * (3 - len(weights))
+
+
 def _valid_split(split: str) -> bool:
     try:
-        weights = [float(w) for w in split.split(",")]
+        weights = _split_weights(split)
     except ValueError:
         return False
-    return len(weights) <= 3 and all(w >= 0 for w in weights) and weights[0] > 0
+    return len(weights) == 3 and all(w >= 0 for w in weights) and weights[0] > 0

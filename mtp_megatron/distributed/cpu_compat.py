@@ -14,9 +14,14 @@ them to its CPU equivalent:
 * The CUDA RNG (``model_parallel_cuda_manual_seed``, the RNG tracker that dropout forks inside TP regions):
   routed to the CPU generator.
 * ``torch.cuda.synchronize()`` (p2p communication, checkpoint save): a no-op.
+* ``get_default_causal_mask`` (attention without an explicit mask) allocates on ``device="cuda"``. The mode above
+  would rewrite that, but torch function modes are not active inside autograd's backward, where the MTP heads run
+  their forward in the sequential order: the function is replaced by a CPU one.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -69,6 +74,14 @@ def apply() -> None:
 
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    from megatron.core.fusions import fused_softmax
+
+    @functools.lru_cache(maxsize=None)
+    def causal_mask_on_cpu(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    fused_softmax.get_default_causal_mask = causal_mask_on_cpu
 
     # Entered for the life of the process: the patched calls happen deep inside megatron-core.
     _CudaToCpuMode().__enter__()

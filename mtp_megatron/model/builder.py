@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import scaled_init_method_normal
 
 from mtp_megatron.config import Config
+from mtp_megatron.data.tokenizer import build_tokenizer
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.model.gpt import MTPGPTModel
 from mtp_megatron.model.specs import layer_and_norm_specs
@@ -71,7 +72,10 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
 def build_model(cfg: Config, env: ParallelEnv) -> MTPGPTModel:
     """This stage's bare model (no DDP), on the run's device and in the run's precision."""
     config = transformer_config(cfg, env.device)
-    layer_spec, norm_spec = layer_and_norm_specs(cfg.model)
+    layer_spec, norm_spec = layer_and_norm_specs(cfg.model, explicit_attention_mask=cfg.data.reset_attention_mask)
+    document_eod = None
+    if cfg.data.reset_attention_mask:
+        document_eod = build_tokenizer(cfg.tokenizer.type, cfg.tokenizer.model).eod
     model = MTPGPTModel(
         config,
         layer_spec,
@@ -84,6 +88,7 @@ def build_model(cfg: Config, env: ParallelEnv) -> MTPGPTModel:
         post_process=env.is_last_stage,
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
+        document_eod=document_eod,
         pg_collection=env.groups,
     )
     return model.to(env.device)

@@ -38,6 +38,7 @@ class MTPGPTModel(GPTModel):
         post_process: bool,
         position_embedding_type: str = "rope",
         rotary_base: int = 10000,
+        document_eod: Optional[int] = None,
         pg_collection=None,
     ):
         super().__init__(
@@ -53,6 +54,8 @@ class MTPGPTModel(GPTModel):
             pg_collection=pg_collection,
         )
         self.has_heads = post_process
+        # Set when documents are masked from each other: the heads then skip targets in a later document.
+        self.document_eod = document_eod
         if post_process:
             self.mtp_heads = MTPHeads(
                 config,
@@ -79,6 +82,6 @@ class MTPGPTModel(GPTModel):
         )
         if not self.has_heads:
             return hidden
-        head_labels, head_masks = shift_targets(labels, loss_mask, self.mtp_heads.n_heads)
+        head_labels, head_masks = shift_targets(labels, loss_mask, self.mtp_heads.n_heads, self.document_eod)
         inputs = HeadInputs(head_labels, head_masks, attention_mask, rotary_pos_emb)
         return self.mtp_heads(hidden, inputs)

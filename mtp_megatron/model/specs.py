@@ -17,9 +17,13 @@ def use_transformer_engine(impl: str) -> bool:
     return impl == "transformer_engine" or (impl == "auto" and gpt_layer_specs.HAVE_TE)
 
 
-def layer_and_norm_specs(model: ModelConfig) -> tuple[ModuleSpec, ModuleSpec]:
-    """The spec of one transformer layer (trunk and heads alike) and of the heads' shared final norm."""
-    if use_transformer_engine(model.transformer_impl):
+def layer_and_norm_specs(model: ModelConfig, explicit_attention_mask: bool = False) -> tuple[ModuleSpec, ModuleSpec]:
+    """The spec of one transformer layer (trunk and heads alike) and of the heads' shared final norm.
+
+    ``explicit_attention_mask`` (document masks) needs the local attention, which applies the mask it is given;
+    Transformer Engine's causal attention ignores it (the config refuses an explicit transformer_engine then).
+    """
+    if use_transformer_engine(model.transformer_impl) and not explicit_attention_mask:
         from megatron.core.extensions.transformer_engine import TENorm
 
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), ModuleSpec(module=TENorm)

@@ -50,6 +50,7 @@ class MetricsLogger:
         self.flops_per_token = model_flops_per_token(cfg)
         self.peak_flops = peak_flops_per_gpu()
         self.jsonl = self.tensorboard = None
+        self.last_validation: Optional[dict] = None  # the latest val/ record, for the end-of-run summary
         if not self.enabled:
             return
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
@@ -62,12 +63,24 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **values}
+        if "val/loss" in values:
+            self.last_validation = record
         self.jsonl.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.tensorboard.add_scalar(key, value, step)
         print(self._progress_line(step, total_steps, values), flush=True)
+
+    def print_validation_summary(self) -> None:
+        """Per-head validation loss and accuracy of the latest evaluation, one line per head."""
+        record = self.last_validation
+        if not self.enabled or record is None:
+            return
+        print(f"validation at step {record['step']}: loss {record['val/loss']:.4f} (sum over heads)")
+        for i in range(1, self.n_heads + 1):
+            print(f"  head {i} (token t+{i}): loss {record[f'val/loss/head_{i}']:.4f}  "
+                  f"acc {record[f'val/acc/head_{i}']:.3f}", flush=True)
 
     def throughput(self, tokens: int, seconds: float) -> dict:
         """tokens_per_s for the whole job, and MFU where the GPU's peak is known."""

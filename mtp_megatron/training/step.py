@@ -25,13 +25,14 @@ def _loss_func(output):
 
 
 def forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    # A stage reads only what it consumes (data/loader.py): a middle stage may read nothing at all.
+    batch = next(data_iterator) if data_iterator is not None else {}
     output = model(
-        batch["tokens"],
-        batch["position_ids"],
+        batch.get("tokens"),
+        batch.get("position_ids"),
         batch.get("attention_mask"),
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
+        labels=batch.get("labels"),
+        loss_mask=batch.get("loss_mask"),
     )
     return output, _loss_func
 

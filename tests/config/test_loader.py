@@ -43,11 +43,16 @@ def test_paper_configs_carry_the_paper_numbers():
 
 
 def test_defaults_are_a_valid_tiny_model():
-    assert load_config(None) == Config()
-    validate_for_world(Config(), world_size=1)
+    cfg = load_config(None)
+    # Loading resolves the vocabulary from the default (byte-level) tokenizer; everything else is Config()'s.
+    assert cfg.model.vocab_size == 259 and Config().model.vocab_size is None
+    cfg.model.vocab_size = None
+    assert cfg == Config()
+    validate_for_world(cfg, world_size=1)
 
 
-def test_required_overrides():
+def test_required_overrides(byte_datasets):
+    a, b = byte_datasets
     cfg = load_config(
         TINY,
         [
@@ -60,14 +65,14 @@ def test_required_overrides():
             "train.global_batch_size=4",
             "train.seed=7",
             "run.dir=/tmp/x",
-            "data.paths=[/d/a,/d/b]",
+            f"data.paths=[{a},{b}]",
         ],
     )
     assert cfg.mtp.n_heads == 2 and cfg.mtp.sequential_backward is False
     assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
     assert (cfg.train.iters, cfg.train.micro_batch_size, cfg.train.global_batch_size) == (3, 1, 4)
     assert cfg.train.seed == 7 and cfg.run.dir == "/tmp/x"
-    assert cfg.data.paths == ["/d/a", "/d/b"]
+    assert cfg.data.paths == [a, b]
     assert cfg.model.hidden_size == 64  # untouched keys keep the YAML's values
 
 
@@ -86,13 +91,17 @@ def test_yaml_beats_defaults_and_overrides_beat_yaml_in_order(tmp_path):
         ("optim.decay_iters=40", "optim", "decay_iters", 40),
         ("model.num_query_groups=2", "model", "num_query_groups", 2),
         ("run.name=2024", "run", "name", "2024"),
-        ("data.paths=[0.3, /d/a, 0.7, /d/b]", "data", "paths", ["0.3", "/d/a", "0.7", "/d/b"]),
+        ("data.paths=[0.3, {a}, 0.7, {b}]", "data", "paths", ["0.3", "{a}", "0.7", "{b}"]),
         ("data.paths=[]", "data", "paths", []),
         ("logging.tensorboard=false", "logging", "tensorboard", False),
         ("parallel.sharding=none", "parallel", "sharding", "none"),
     ],
 )
-def test_override_values_are_parsed_and_coerced(override, section, key, expected):
+def test_override_values_are_parsed_and_coerced(override, section, key, expected, byte_datasets):
+    a, b = byte_datasets
+    override = override.format(a=a, b=b)
+    if isinstance(expected, list):
+        expected = [e.format(a=a, b=b) for e in expected]
     value = getattr(getattr(load_config(TINY, [override]), section), key)
     assert value == expected and type(value) is type(expected)
 
@@ -148,8 +157,9 @@ def test_values_are_checked_against_the_annotation(override, expected):
 
 
 def test_yaml_shape_errors(tmp_path):
-    assert load_config(_write(tmp_path, "")) == Config()  # empty file: all defaults
-    assert load_config(_write(tmp_path, "mtp:\n")) == Config()  # empty section
+    defaults = load_config(None)
+    assert load_config(_write(tmp_path, "")) == defaults  # empty file: all defaults
+    assert load_config(_write(tmp_path, "mtp:\n")) == defaults  # empty section
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_config(_write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
@@ -162,8 +172,9 @@ def test_load_config_validates():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
-def test_resolved_config_round_trips(path, tmp_path):
-    cfg = load_config(path, ["optim.lr=1e-5", "data.paths=[0.5, /d/a, 0.5, /d/b]", "run.name=null"])
+def test_resolved_config_round_trips(path, tmp_path, byte_datasets):
+    a, b = byte_datasets
+    cfg = load_config(path, ["optim.lr=1e-5", f"data.paths=[0.5, {a}, 0.5, {b}]", "run.name=null"])
     saved = save_resolved_config(cfg, str(tmp_path / "run"))
     assert saved == str(tmp_path / "run" / "config.yaml")
     assert os.listdir(tmp_path / "run") == ["config.yaml"]  # no temporary file left behind

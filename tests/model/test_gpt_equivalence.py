@@ -36,7 +36,7 @@ def compare_with_gpt(tps: list[int]) -> list[dict]:
     for tp in tps:
         cfg = load_config(None, [
             f"parallel.tp={tp}", "mtp.n_heads=1", f"model.num_layers={NUM_LAYERS}", "model.hidden_size=64",
-            "model.num_attention_heads=4", "model.ffn_hidden_size=128", "model.vocab_size=256",
+            "model.num_attention_heads=4", "model.ffn_hidden_size=128", "model.vocab_size=512",
             "model.seq_length=32", "train.device=cpu", "train.precision=fp32",
         ])
         env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)

@@ -3,7 +3,7 @@
 All layouts run in one 4-process job (so DP is 4, 2, 2 and 1 respectively, with the distributed optimizer and
 the same global batches). The TP1PP1 model saves its initial weights as a distributed checkpoint, and every
 other layout loads them resharded, then trains a few real steps through the full loop (data, schedule, DDP,
-optimizer, LR schedule).
+optimizer, LR schedule), reading a real two-dataset blend through GPTDataset, broadcast over TP.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ RTOL = 1e-5
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def train_each_layout(tmp: str) -> dict:
+def train_each_layout(tmp: str, data_paths: list[str]) -> dict:
     losses = {}
     initial_weights = f"{tmp}/initial_weights"
     for tp, pp in LAYOUTS:
@@ -36,14 +36,15 @@ def train_each_layout(tmp: str) -> dict:
         cfg = load_config(
             os.path.join(REPO, "configs/tiny.yaml"),
             [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.iters={STEPS}", "model.seq_length=64",
-             f"run.dir={tmp}/run_tp{tp}pp{pp}", "logging.tensorboard=false",
+             f"run.dir={tmp}/run_tp{tp}pp{pp}", "logging.tensorboard=false", f"data.cache_dir={tmp}/cache",
+             f"data.paths=[{','.join(data_paths)}]",
              f"checkpoint.load={'null' if reference else initial_weights}"],
         )
         env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
         model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
         if reference:
             save_weights(model, initial_weights)
-        train_data, _ = build_datasets(cfg, STEPS * cfg.train.global_batch_size, 0)
+        train_data, _ = build_datasets(cfg, env)
         os.makedirs(cfg.run.dir, exist_ok=True)
         logger = MetricsLogger(cfg, cfg.run.dir, env.rank, env.dims.world_size)
         history = fit(cfg, env, model, optimizer, scheduler, train_data, None, logger)
@@ -54,8 +55,8 @@ def train_each_layout(tmp: str) -> dict:
 
 
 @pytest.mark.distributed
-def test_losses_match_across_tp_pp_layouts(tmp_path):
-    losses = run_distributed(train_each_layout, 4, str(tmp_path))[0]
+def test_losses_match_across_tp_pp_layouts(tmp_path, byte_datasets):
+    losses = run_distributed(train_each_layout, 4, str(tmp_path), byte_datasets)[0]
     reference = losses[LAYOUTS[0]]
     assert len(reference) == STEPS and len(reference[0]) == 4  # n=4 heads in tiny.yaml
     for layout in LAYOUTS[1:]:
