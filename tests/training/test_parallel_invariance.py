@@ -28,7 +28,7 @@ RTOL = 1e-5
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def train_each_layout(tmp: str, data_paths: list[str]) -> dict:
+def train_each_layout(tmp: str, data_paths: list[str], extra: list[str]) -> dict:
     losses = {}
     initial_weights = f"{tmp}/initial_weights"
     for tp, pp in LAYOUTS:
@@ -37,7 +37,7 @@ def train_each_layout(tmp: str, data_paths: list[str]) -> dict:
             os.path.join(REPO, "configs/tiny.yaml"),
             [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.iters={STEPS}", "model.seq_length=64",
              f"run.dir={tmp}/run_tp{tp}pp{pp}", "logging.tensorboard=false", f"data.cache_dir={tmp}/cache",
-             f"data.paths=[{','.join(data_paths)}]",
+             f"data.paths=[{','.join(data_paths)}]", *extra,
              f"checkpoint.load={'null' if reference else initial_weights}"],
         )
         env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
@@ -55,8 +55,10 @@ def train_each_layout(tmp: str, data_paths: list[str]) -> dict:
 
 
 @pytest.mark.distributed
-def test_losses_match_across_tp_pp_layouts(tmp_path, byte_datasets):
-    losses = run_distributed(train_each_layout, 4, str(tmp_path), byte_datasets)[0]
+@pytest.mark.parametrize("extra", [[], ["data.reset_attention_mask=true", "data.eod_mask_loss=true"]],
+                         ids=["causal", "document_masks"])
+def test_losses_match_across_tp_pp_layouts(tmp_path, byte_datasets, extra):
+    losses = run_distributed(train_each_layout, 4, str(tmp_path), byte_datasets, extra)[0]
     reference = losses[LAYOUTS[0]]
     assert len(reference) == STEPS and len(reference[0]) == 4  # n=4 heads in tiny.yaml
     for layout in LAYOUTS[1:]:
