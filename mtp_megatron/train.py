@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from mtp_megatron.config import (
     Config,
@@ -50,7 +51,24 @@ def train(cfg: Config):
         destroy_distributed()
 
 
+# Known, harmless notices that every rank would print at start (megatron-core 0.16 and torch 2.13): optional
+# fused kernels that are absent, and deprecations inside megatron-core's own calls. Anything else still shows.
+_KNOWN_NOTICES = [
+    (UserWarning, r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed"),
+    (UserWarning, r".*CUDA_DEVICE_MAX_CONNECTIONS"),
+    (UserWarning, r"full scope is deprecated"),
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf"),  # the pipeline's p2p buffers
+    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),
+]
+
+
+def _silence_known_notices() -> None:
+    for category, message in _KNOWN_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def main(argv=None) -> int:
+    _silence_known_notices()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (configs/tiny.yaml, configs/13b.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. mtp.n_heads=2")
