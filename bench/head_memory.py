@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     n = args.n_heads
     base = results[0]
 
-    print(f"# head_memory: peak memory of one microbatch's forward+backward (last stage = whole model, pp=1)")
+    print("# head_memory: peak memory of one microbatch's forward+backward (last stage = whole model, pp=1)")
     print(f"machine: {machine_line(device)}")
     print(f"shape: vocab {args.vocab} (padded {base['vocab_padded']}), seq {args.seq}, hidden {args.hidden}, "
           f"{args.attn_heads} attention heads, trunk {args.trunk_layers} layers, micro batch {args.mbs}, {dtype}, "

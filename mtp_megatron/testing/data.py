@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from typing import Sequence
 
 import numpy as np
@@ -26,3 +28,31 @@ def random_documents(count: int, low: int, high: int, eod: int, seed: int, min_l
     rng = np.random.default_rng(seed)
     return [[*rng.integers(low, high, size=int(length)).tolist(), eod]
             for length in rng.integers(min_len, max_len, size=count)]
+
+
+_WORDS = "the model reads data and writes tokens for each file in order while training runs fast".split()
+
+
+def make_documents(n: int, seed: int = 0) -> list:
+    """Small Python-like files with prose docstrings, indentation, blank lines and numbers (a corpus for
+    tokenizer training and preprocessing tests)."""
+    rng = random.Random(seed)
+    documents = []
+    for i in range(n):
+        lines = [f'"""{" ".join(rng.choices(_WORDS, k=12)).capitalize()}."""', ""]
+        for j in range(rng.randint(1, 4)):
+            name = "_".join(rng.choices(_WORDS, k=2))
+            lines += [f"def {name}_{j}(x, y={rng.randint(0, 99999)}):",
+                      f"    # {' '.join(rng.choices(_WORDS, k=6))}",
+                      "    if x > y:",
+                      f"        return x * {rng.randint(0, 999)}",
+                      "    return [y, 'é', \"ü\"]", "", ""]
+        documents.append("\n".join(lines))
+    return documents
+
+
+def write_jsonl(path, texts) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return str(path)

@@ -16,7 +16,7 @@ from mtp_megatron.data.preprocess import dataset_prefix, preprocess
 from mtp_megatron.data.sources import EMPTY, INVALID_JSON, INVALID_UTF8, MISSING_KEY, DataError, InputError
 from mtp_megatron.data.tokenizer import build_tokenizer
 from mtp_megatron.data.tokenizer_training import train_tokenizer
-from tests.data.test_tokenizer_training import make_documents, write_jsonl
+from mtp_megatron.testing.data import make_documents, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCUMENTS = make_documents(120, seed=1)

@@ -1,9 +1,7 @@
 """Training a sentencepiece model: the properties code needs (exact round trip, byte fallback, split digits, kept
 whitespace), the fixed special ids, the seeded sample, and the refusals."""
 
-import json
 import os
-import random
 import subprocess
 import sys
 
@@ -13,37 +11,10 @@ from mtp_megatron.data.sources import DataError
 from mtp_megatron.data.tokenizer import (SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID, SPM_UNK_ID, SentencePieceTokenizer)
 from mtp_megatron.data.tokenizer_training import (TokenizerTrainingError, chunk_text, sample_texts,
                                                   train_tokenizer)
+from mtp_megatron.testing.data import make_documents, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 512
-WORDS = "the model reads data and writes tokens for each file in order while training runs fast".split()
-
-
-def make_documents(n: int, seed: int = 0) -> list:
-    """Small Python-like files with prose docstrings, indentation, blank lines and numbers (shared with the
-    preprocess tests, which train their tokenizer on them too)."""
-    rng = random.Random(seed)
-    documents = []
-    for i in range(n):
-        lines = [f'"""{" ".join(rng.choices(WORDS, k=12)).capitalize()}."""', ""]
-        for j in range(rng.randint(1, 4)):
-            name = "_".join(rng.choices(WORDS, k=2))
-            lines += [f"def {name}_{j}(x, y={rng.randint(0, 99999)}):",
-                      f"    # {' '.join(rng.choices(WORDS, k=6))}",
-                      "    if x > y:",
-                      f"        return x * {rng.randint(0, 999)}",
-                      "    return [y, 'é', \"ü\"]", "", ""]
-        documents.append("\n".join(lines))
-    return documents
-
-
-def write_jsonl(path, texts) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "code.jsonl", make_documents(300))

@@ -7,7 +7,6 @@ state dict maps onto ours by renaming. Checked without TP (each of 2 DP ranks on
 from __future__ import annotations
 
 import pytest
-import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
