@@ -265,19 +265,59 @@ class TrainConfig:
     eval_iters: int = 10
     """Validation batches (global batches) per evaluation."""
 
+    exit_duration_mins: Optional[float] = None
+    """Wall-clock budget of this process in minutes: past it, every rank stops at the next step boundary, saves a
+    checkpoint and exits 0 with ``run_state.json`` saying ``stopped`` (set it a few minutes under the job's time
+    limit). null = no budget. SIGTERM and SIGUSR1 do the same at any time."""
+
+    stop_at_step: Optional[int] = None
+    """Stop after this step as on SIGUSR1 (save, exit 0, ``run_state.json`` says ``stopped``), leaving the LR
+    schedule laid out for ``iters``: splits one run into pieces (queue slots, resumption checks). null = run to
+    ``iters``."""
+
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """What a step with a non-finite loss (any head) or gradient norm does; its update never reaches the weights
+    either way. skip: drop the update, log it (``skipped_steps``) and go on; stop: raise an error that names the
+    step and the heads, saving nothing."""
+
+    nan_skip_limit: int = 10
+    """With nan_policy=skip, stop with an error after this many skipped steps in a row (the run is diverging, and
+    its last checkpoint is the one to restart from)."""
+
 
 @dataclass
 class CheckpointConfig:
-    """Saving and loading."""
+    """Saving, resuming and loading (megatron-core distributed checkpoints, reshardable across TP x PP x DP)."""
+
+    save: bool = True
+    """Write checkpoints into ``<run.dir>/checkpoints``: every ``interval`` steps, at the end, and when the run is
+    asked to stop (SIGTERM, SIGUSR1, ``train.exit_duration_mins``). false for throwaway runs."""
 
     interval: int = 0
-    """Save the model weights (a megatron-core distributed checkpoint, loadable at any TP x PP) to
-    ``<run.dir>/checkpoints/iter_NNNNNNN`` every this many steps and at the end; 0 = never. Optimizer state and
-    exact resume are not part of it yet."""
+    """Save every this many steps (0 = only at the end and on a stop). Each save holds the model (trunk and every
+    head), optimizer state, LR schedule, step, consumed samples, every rank's RNG, the config and the tokenizer's
+    identity, in ``iter_NNNNNNN``."""
+
+    keep: Optional[int] = None
+    """Keep only the newest this many complete checkpoints of the run (older ones are deleted after a newer one is
+    complete); null = keep all."""
+
+    async_save: bool = False
+    """Write checkpoints in a background process: training goes on once the tensors are staged, and the
+    checkpoint is committed (renamed, ``latest`` updated) at a later step boundary when every rank is done."""
+
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest complete checkpoint in ``<run.dir>/checkpoints`` if there is one (else from
+    ``load``, else from scratch), so restarting the same command resumes; never: always start afresh (refused if
+    the run folder already holds checkpoints, which this run would mix with its own)."""
 
     load: Optional[str] = None
-    """Checkpoint folder whose model weights initialise this run (saved at any TP x PP layout, e.g. a seed
-    checkpoint or another run's ``iter_NNNNNNN``). None = fresh initialisation."""
+    """A checkpoint folder (``.../iter_NNNNNNN``, saved at any TP x PP x DP layout) to start from when the run
+    folder has none yet: the full training state, or only the weights with ``finetune``."""
+
+    finetune: bool = False
+    """Take only the model weights from ``load`` (fresh optimizer, LR schedule, step 0 and data from the start),
+    e.g. to fine-tune a pretrained model or change the optimizer setup."""
 
 
 @dataclass

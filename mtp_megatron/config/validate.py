@@ -248,9 +248,30 @@ def _check_run(cfg: Config, out: _Problems) -> None:
     if train.eval_interval > 0 and train.eval_iters < 1:
         out.add("train.eval_iters", f"must be >= 1 when evaluating, got {train.eval_iters}", "use e.g. 10")
 
+    if train.exit_duration_mins is not None and train.exit_duration_mins <= 0:
+        out.add("train.exit_duration_mins", f"must be > 0, got {train.exit_duration_mins}",
+                "use a few minutes under the job's time limit, or null for no budget")
+    if train.stop_at_step is not None and train.stop_at_step < 1:
+        out.add("train.stop_at_step", f"must be >= 1, got {train.stop_at_step}", "use null to run to train.iters")
+    if train.nan_skip_limit < 1:
+        out.add("train.nan_skip_limit", f"must be >= 1, got {train.nan_skip_limit}",
+                "use e.g. 10, or nan_policy=stop to stop at the first non-finite step")
+
     _check_data(cfg, out)
-    if cfg.checkpoint.interval < 0:
-        out.add("checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}", "use 0 to never save")
+    _check_checkpoint(cfg, out)
+
+
+def _check_checkpoint(cfg: Config, out: _Problems) -> None:
+    ckpt = cfg.checkpoint
+    if ckpt.interval < 0:
+        out.add("checkpoint.interval", f"must be >= 0, got {ckpt.interval}", "use 0 to save only at the end")
+    if ckpt.keep is not None and ckpt.keep < 1:
+        out.add("checkpoint.keep", f"must be >= 1 or null, got {ckpt.keep}", "use null to keep every checkpoint")
+    if ckpt.finetune and not ckpt.load:
+        out.add("checkpoint.finetune", "needs checkpoint.load (the checkpoint whose weights to start from)",
+                "set checkpoint.load=PATH/iter_NNNNNNN, or finetune=false")
+    if ckpt.async_save and not ckpt.save:
+        out.add("checkpoint.async_save", "has no effect with checkpoint.save=false", "drop one of the two")
 
 
 def _check_data(cfg: Config, out: _Problems) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -10,12 +11,13 @@ import torch
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
-from mtp_megatron.checkpoint.weights import save_weights
+from mtp_megatron.checkpoint.checkpointer import Checkpointer
 from mtp_megatron.config import Config
 from mtp_megatron.data.loader import microbatches
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.training.metrics import MetricsLogger
 from mtp_megatron.training.state import TrainState
+from mtp_megatron.training.stopping import StopRequests
 from mtp_megatron.training.step import StepResult, eval_step, train_step
 
 
@@ -31,15 +33,23 @@ def connect_schedule_hooks(model, optimizer, cfg: Config) -> None:
         config.param_sync_func = model.start_param_sync
 
 
+class NonFiniteStepError(RuntimeError):
+    """Training met a non-finite loss or gradient norm that its ``train.nan_policy`` does not tolerate."""
+
+
 def fit(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, train_data, valid_data,
-        logger: MetricsLogger, state: TrainState | None = None) -> list[StepResult]:
-    """Train from ``state`` (a fresh run by default) to ``cfg.train.iters``, updating ``state`` in place; returns
-    every step's result (for tests and callers)."""
+        logger: MetricsLogger, state: TrainState | None = None, checkpointer: Checkpointer | None = None,
+        stop: StopRequests | None = None) -> list[StepResult]:
+    """Train from ``state`` (a fresh run by default) to ``cfg.train.iters``, or until ``stop`` says so, saving
+    through ``checkpointer``; updates ``state`` in place and returns every step's result (for tests and callers)."""
     state = state if state is not None else TrainState()
     num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    saving = checkpointer is not None and cfg.checkpoint.save
     data = microbatches(train_data, state.consumed_samples, cfg, env)
-    history = []
+    skips = _SkipCounter(cfg)
+    history, stop_reason = [], None
+    write_run_state(cfg, env, "running", state)
     while state.step < cfg.train.iters:
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         start = time.perf_counter()
@@ -49,20 +59,75 @@ def fit(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, train_data, 
         elapsed = time.perf_counter() - start
         state.advance(cfg.train.global_batch_size)
         step, last = state.step, state.step == cfg.train.iters
+        skips.update(step, result, checkpointer)
         history.append(result)
-        if step % cfg.logging.log_interval == 0 or last:
+        if step % cfg.logging.log_interval == 0 or last or result.update_skipped:
             logger.log(step, {**result.as_dict(), "lr": lr,
                               "grad_norm": result.grad_norm, "update_skipped": result.update_skipped,
-                              "consumed_samples": state.consumed_samples,
+                              "skipped_steps": skips.total, "consumed_samples": state.consumed_samples,
                               "step_time_s": elapsed, **logger.throughput(tokens_per_step, elapsed)},
                        total_steps=cfg.train.iters)
         # Every rank joins the evaluation, also those that read no data (valid_data None on them).
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or last):
             logger.log(step, evaluate(cfg, env, model, valid_data).as_dict(prefix="val/"))
-        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or last):
-            save_weights(model, os.path.join(cfg.run.dir, "checkpoints", f"iter_{step:07d}"),
-                         train_state=state.state_dict())
+        if checkpointer is not None:
+            checkpointer.finalize()  # commit a finished background save
+        stop_reason = stop.agreed_reason(step) if stop is not None else None
+        if saving and (last or stop_reason or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)):
+            checkpointer.save(state)
+        if stop_reason:
+            if env.rank == 0:
+                print(f"[stop] {stop_reason}: stopped at step {step} of {cfg.train.iters}"
+                      f"{' after saving a checkpoint' if saving else ' (checkpoint.save=false: nothing saved)'}; "
+                      "start the same command again to resume", flush=True)
+            break
+    if checkpointer is not None:
+        checkpointer.close()  # wait for a background save: the run is not safe to leave before it is committed
+    write_run_state(cfg, env, "stopped" if stop_reason else "finished", state, stop_reason)
     return history
+
+
+class _SkipCounter:
+    """Applies ``train.nan_policy`` to steps whose update was skipped for a non-finite loss or gradient norm."""
+
+    def __init__(self, cfg: Config):
+        self.policy, self.limit = cfg.train.nan_policy, cfg.train.nan_skip_limit
+        self.total = self.in_a_row = 0
+
+    def update(self, step: int, result: StepResult, checkpointer: Checkpointer | None) -> None:
+        if result.skip_reason is None or result.skip_reason.startswith("fp16"):  # fp16 overflow is routine
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        heads = result.nonfinite_heads
+        what = (f"the loss of head{'s' if len(heads) > 1 else ''} {', '.join(map(str, heads))} "
+                f"({', '.join(f'{result.head_loss[h - 1]}' for h in heads)})" if heads
+                else f"the gradient norm ({result.grad_norm})")
+        newest = (f" The newest checkpoint is {checkpointer.last_committed}."
+                  if checkpointer is not None and checkpointer.last_committed else "")
+        if self.policy == "stop":
+            raise NonFiniteStepError(f"step {step}: {what} is not finite; the update was not applied and nothing "
+                                     f"was saved (train.nan_policy=stop).{newest}")
+        if self.in_a_row > self.limit:
+            raise NonFiniteStepError(f"step {step}: {what} is not finite, {self.in_a_row} skipped steps in a row "
+                                     f"(train.nan_skip_limit={self.limit}): the run is diverging.{newest} Restart "
+                                     "from an earlier checkpoint with a lower optim.lr, or investigate the data.")
+        print(f"[nan] step {step}: {what} is not finite; update skipped ({self.in_a_row} in a row, "
+              f"{self.total} in all)", flush=True)
+
+
+def write_run_state(cfg: Config, env: ParallelEnv, status: str, state: TrainState, reason: str | None = None) -> None:
+    """``<run.dir>/run_state.json``: whether the run is running, finished or stopped early (and resumable), read by
+    launchers (slurm/) to decide whether to requeue."""
+    if env.rank != 0:
+        return
+    record = {"state": status, "reason": reason, "step": state.step, "iters": cfg.train.iters,
+              "consumed_samples": state.consumed_samples, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = os.path.join(cfg.run.dir, "run_state.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def evaluate(cfg: Config, env: ParallelEnv, model, valid_data) -> StepResult:

@@ -43,7 +43,7 @@ def peak_flops_per_gpu() -> Optional[float]:
 class MetricsLogger:
     """Writes ``<run.dir>/metrics.jsonl``, TensorBoard event files and the console line (rank 0 only)."""
 
-    def __init__(self, cfg: Config, run_dir: str, rank: int, world_size: int):
+    def __init__(self, cfg: Config, run_dir: str, rank: int, world_size: int, start_step: int = 0):
         self.enabled = rank == 0
         self.n_heads = cfg.mtp.n_heads
         self.world_size = world_size
@@ -57,7 +57,9 @@ class MetricsLogger:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            # A resumed run drops the events an earlier attempt logged after its checkpoint, so curves do not fold.
+            self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                             purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, values: dict, total_steps: Optional[int] = None) -> None:
         if not self.enabled:

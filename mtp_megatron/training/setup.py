@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from mtp_megatron.checkpoint.weights import load_weights
 from mtp_megatron.config import Config
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.model.builder import build_model, wrap_model
@@ -11,11 +10,9 @@ from mtp_megatron.training.optimizer import build_optimizer, build_scheduler
 
 
 def setup_model_and_optimizer(cfg: Config, env: ParallelEnv):
-    """(model, optimizer, scheduler): the stage's model wrapped for mixed precision and DDP, initialised from
-    ``checkpoint.load`` when set (before the optimizer copies the weights), and its AdamW and LR schedule."""
+    """(model, optimizer, scheduler): the stage's model wrapped for mixed precision and DDP, freshly initialised
+    (a checkpoint is loaded into all three by checkpoint.Checkpointer), and its AdamW and LR schedule."""
     model = wrap_model(build_model(cfg, env), cfg, env)
-    if cfg.checkpoint.load:
-        load_weights(model, cfg.checkpoint.load)
     optimizer = build_optimizer(cfg, [model], env.groups)
     scheduler = build_scheduler(cfg, optimizer)
     connect_schedule_hooks(model, optimizer, cfg)

@@ -8,11 +8,13 @@ head) is passed through untouched so the values filled during backward can be re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mtp_megatron.distributed.parallel import ParallelEnv
@@ -45,6 +47,13 @@ class StepResult:
     """[n, 3] sums over the step: loss, correct top-1 predictions, target tokens (see model/heads.py)."""
     grad_norm: float | None = None
     update_skipped: bool = False
+    skip_reason: str | None = None
+    """Why the update was not applied: a non-finite loss or gradient norm, or an fp16 loss-scale overflow."""
+
+    @property
+    def nonfinite_heads(self) -> list[int]:
+        """1-based heads whose loss is not finite on some rank (the sums are all-reduced, so NaN spreads)."""
+        return [i + 1 for i, value in enumerate(self.stats[:, STAT_LOSS_SUM].tolist()) if not math.isfinite(value)]
 
     @property
     def head_loss(self) -> list[float]:
@@ -103,12 +112,38 @@ def train_step(model_chunks, optimizer, scheduler, data_iterator, num_microbatch
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses_reduced = run_forward_backward(model_chunks, data_iterator, num_microbatches, cfg, forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=1)
+    # The losses first: every rank must know whether any head's loss was finite before anyone steps.
     result = reduce_head_stats(losses_reduced, cfg.mtp.n_heads, env)
-    result.grad_norm, result.update_skipped = grad_norm, not update_successful
+    result.grad_norm, result.skip_reason = step_if_finite(optimizer, losses_finite=not result.nonfinite_heads)
+    result.update_skipped = result.skip_reason is not None
+    if not result.update_skipped:
+        scheduler.step(increment=1)
     return result
+
+
+@torch.no_grad()
+def step_if_finite(optimizer, losses_finite: bool) -> tuple[float | None, str | None]:
+    """megatron-core's optimizer step (``ChainedOptimizer.step``: prepare grads, norm, clip, update), except that a
+    non-finite loss or gradient norm skips the update. Megatron only skips on fp16 overflow; in fp32 and bf16 a
+    NaN norm makes the clip factor NaN, which fails ``< 1`` and so lets NaN gradients into the update.
+
+    Returns (grad norm or None, why the update was skipped or None).
+    """
+    if optimizer.prepare_grads():  # fp16: the loss scaler found inf/NaN and has already backed off
+        return None, "fp16 loss-scale overflow"
+    grad_norm = optimizer.get_grad_norm()
+    if not losses_finite:
+        return grad_norm, "non-finite loss"
+    if not math.isfinite(grad_norm):
+        return grad_norm, "non-finite gradient norm"
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(part, "is_stub_optimizer", False) else part.get_parameters()
+        if part.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(params, part.config.clip_grad, grad_norm,
+                                         part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    if not optimizer.step_with_ready_grads():
+        return grad_norm, "optimizer reported an unsuccessful update"
+    return grad_norm, None
 
 
 @torch.no_grad()

@@ -1,0 +1,397 @@
+"""Save and restore the whole training state as megatron-core distributed checkpoints (torch_dist format).
+
+What a checkpoint holds, and where:
+
+* sharded (each rank writes its part; reshardable to any TP x PP x DP on load): ``model`` (trunk and every MTP
+  head: the heads shard themselves, see model/heads.py), ``optimizer`` (megatron-core's optimizer state; the
+  distributed optimizer in its ``fully_sharded_model_space`` form, parallel to write and reshardable in every
+  dimension), ``rng_state`` (one object per rank, restored only at the same layout);
+* common (rank 0 writes it once): ``train_state`` (step, consumed samples), ``scheduler`` and ``mtp_megatron``:
+  the resolved config, the layout, the optimizer setup and the tokenizer's identity, checked before anything is
+  loaded so that a wrong checkpoint fails with the fields that differ rather than deep inside a collective.
+
+Folder handling (temporary name, commit, ``latest``, pruning) is in checkpoint/store.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import time
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.utils import unwrap_model
+
+from mtp_megatron.checkpoint import store
+from mtp_megatron.checkpoint.store import CheckpointError
+from mtp_megatron.config import Config, config_to_dict
+from mtp_megatron.data.tokenizer import resolve_tokenizer_type
+from mtp_megatron.distributed.parallel import ParallelEnv
+from mtp_megatron.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+META_KEY = "mtp_megatron"
+TRAIN_STATE_KEY = "train_state"
+# Megatron-LM's metadata for the optimizer's sharded state: a per-parameter layout that every rank writes in
+# parallel and that loads at any TP x PP x DP; no prefix from ChainedOptimizer, so keys do not depend on grouping.
+_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+# Model fields that fix the tensors' shapes: a checkpoint loads only into a model that agrees on all of them.
+_SHAPE_FIELDS = {
+    "model": ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "normalization", "activation", "position_embedding", "add_bias_linear"],
+    "mtp": ["n_heads", "match_params"],
+}
+
+
+def tokenizer_identity(cfg: Config) -> dict:
+    """What identifies the tokenizer a model was trained with: its type and the model file's content hash."""
+    kind = resolve_tokenizer_type(cfg.tokenizer.type, cfg.tokenizer.model)
+    identity = {"type": kind, "sha256": None}
+    if kind == "sentencepiece":
+        with open(cfg.tokenizer.model, "rb") as f:
+            identity["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return identity
+
+
+def _layout(env: ParallelEnv) -> dict:
+    return {"tp": env.dims.tp, "pp": env.dims.pp, "dp": env.dims.dp}
+
+
+def _optimizer_setup(cfg: Config) -> dict:
+    """What the optimizer state's structure depends on (loading it into another setup is not possible)."""
+    return {"sharding": cfg.parallel.sharding, "precision": cfg.train.precision}
+
+
+def _rng_state(env: ParallelEnv) -> ShardedObject:
+    """This rank's random generators, as one object per (pp, tp, dp) position."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),  # megatron's TP-region streams (dropout)
+    }
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    dims = env.dims
+    return ShardedObject("rng_state", state, (dims.pp, dims.tp, dims.dp), (env.pp_rank, env.tp_rank, env.dp_rank),
+                         replica_id=0)
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _prime_adam_state(optimizer) -> None:
+    """Give each parameter of a fresh torch Adam the state its first update would create (step 0, zero moments).
+
+    megatron-core's DistributedOptimizer.state_dict(), which building the state dict to load into calls, reads every
+    parameter's Adam ``step``; torch's Adam creates it only at the first update (Apex's and TE's fused Adam, the
+    usual GPU choice, keep ``step`` elsewhere and need nothing). The loaded checkpoint then overwrites it all.
+    """
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                              exp_avg_sq=torch.zeros_like(param))
+
+
+@contextlib.contextmanager
+def _keep_adam_step_on_load(optimizer):
+    """Work around two megatron-core 0.16.1 bugs in loading the distributed optimizer's state into torch's Adam
+    (Apex's and TE's fused Adam, without a per-parameter ``step``, never reach this code):
+
+    * ``load_state_dict`` sets each parameter's ``step``, then copies the loaded tensors over every state key,
+      ``step`` included, which the loaded tensors deliberately lack (KeyError). Copying the step onto itself
+      keeps the value just set.
+    * it gives every parameter the same ``step`` tensor, which torch's Adam then increments in place once per
+      parameter, so the bias correction is wrong from the next update on. Each parameter gets its own copy.
+    """
+    patched = []
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(part, "_set_main_param_and_optimizer_states"):
+            continue  # not a DistributedOptimizer
+
+        def set_states(model_param, tensors, _part=part, _original=part._set_main_param_and_optimizer_states):
+            group_index, group_order = _part.model_param_group_index_map[model_param]
+            state = _part.optimizer.state[_part.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            return _original(model_param, tensors)
+
+        part._set_main_param_and_optimizer_states = set_states
+        patched.append(part)
+    try:
+        yield
+    finally:
+        for part in patched:
+            del part._set_main_param_and_optimizer_states  # back to the class's method
+            for state in part.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
+def _all_finite(model, device) -> bool:
+    """Collective: whether every parameter on every rank is finite."""
+    bad = torch.zeros(1, device=device)
+    for param in model.parameters():
+        if not torch.isfinite(param).all():
+            bad.fill_(1)
+            break
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
+def read_meta(path: str) -> dict:
+    """The ``mtp_megatron`` metadata and train state of a checkpoint (any rank, no collective)."""
+    common = dist_checkpointing.load_common_state_dict(path)
+    if META_KEY not in common:
+        raise CheckpointError(f"{path} is a distributed checkpoint without mtp-megatron metadata. Fix: convert it "
+                              "with tools/convert_checkpoint.py, or point checkpoint.load at one this trainer wrote.")
+    return {**common[META_KEY], TRAIN_STATE_KEY: common.get(TRAIN_STATE_KEY)}
+
+
+def shape_mismatches(saved_config: dict, saved_padded_vocab: int, cfg: Config) -> list[str]:
+    """The model-shape fields on which a checkpoint's config and ``cfg`` disagree, as 'field: saved X, now Y'."""
+    now = config_to_dict(cfg)
+    found = [f"{section}.{name}: checkpoint {saved_config[section][name]!r}, this run {now[section][name]!r}"
+             for section, names in _SHAPE_FIELDS.items() for name in names
+             if saved_config[section].get(name) != now[section][name]]
+    padded = cfg.model.padded_vocab_size(cfg.parallel.tp)
+    if saved_padded_vocab != padded:
+        found.append(f"vocabulary rows (model.vocab_size padded to make_vocab_size_divisible_by * tp): checkpoint "
+                     f"{saved_padded_vocab}, this run {padded}")
+    return found
+
+
+class Checkpointer:
+    """Saves this run's checkpoints and restores the state a run starts from. Collective: every call on every rank."""
+
+    def __init__(self, cfg: Config, env: ParallelEnv, model, optimizer=None, scheduler=None):
+        self.cfg, self.env = cfg, env
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.root = os.path.join(cfg.run.dir, "checkpoints")
+        self._async_queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
+        self._pending: Optional[str] = None  # the async save not yet committed
+        self.last_committed: Optional[str] = None  # the newest complete checkpoint this run wrote or started from
+
+    # -- saving -----------------------------------------------------------------------------------------------
+
+    def _sharded_state_dict(self, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+        model_sd = unwrap_model(self.model).sharded_state_dict(metadata=dict(_SHARDING_METADATA))
+        state = {"model": model_sd}
+        if with_optimizer:
+            if is_loading:
+                _prime_adam_state(self.optimizer)
+            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                                   metadata=dict(_SHARDING_METADATA))
+        if with_rng:
+            state["rng_state"] = _rng_state(self.env)
+        return state
+
+    def _meta(self) -> dict:
+        cfg = self.cfg
+        return {
+            "format": store.FORMAT,
+            "config": config_to_dict(cfg),
+            "padded_vocab_size": cfg.model.padded_vocab_size(cfg.parallel.tp),
+            "layout": _layout(self.env),
+            "optimizer": _optimizer_setup(cfg) if self.optimizer is not None else None,
+            "tokenizer": tokenizer_identity(cfg),
+        }
+
+    def save(self, state: TrainState, path: Optional[str] = None) -> str:
+        """Save at ``state.step`` into ``path`` (default: the run's ``iter_NNNNNNN``); returns that folder. With
+        ``async_save`` it is committed at a later step boundary (``finalize``)."""
+        self.finalize(blocking=True)  # at most one save in flight
+        if not _all_finite(self.model, self.env.device):
+            raise CheckpointError(f"step {state.step}: the model has non-finite weights; refusing to save them over "
+                                  "good checkpoints. Restart from the newest checkpoint (checkpoint.resume=auto).")
+        start = time.perf_counter()
+        in_run = path is None
+        final = os.path.join(self.root, store.step_dir_name(state.step)) if in_run else os.path.normpath(path)
+        tmp = store.temporary_path(final)
+        if self.env.rank == 0:
+            if os.path.exists(tmp):  # left by a save that died
+                store._remove(tmp)
+            os.makedirs(tmp)
+        dist.barrier()
+
+        sharded = self._sharded_state_dict(is_loading=False, with_optimizer=self.optimizer is not None,
+                                           with_rng=True)
+        sharded[TRAIN_STATE_KEY] = state.state_dict()
+        sharded[META_KEY] = self._meta()
+        if self.scheduler is not None:
+            sharded["scheduler"] = self.scheduler.state_dict()
+        # Every DP replica writes a slice of the replicated tensors instead of DP rank 0 writing them all.
+        strategy = FullyParallelSaveStrategyWrapper(
+            get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+        request = dist_checkpointing.save(sharded, tmp, strategy, async_sharded_save=self._async_queue is not None)
+        commit = self._commit_fn(tmp, final, state.step, start, in_run)
+        if request is None:
+            commit()
+        else:
+            request.add_finalize_fn(commit)
+            self._async_queue.schedule_async_request(request)
+            self._pending = final
+            if self.env.rank == 0:
+                log.info("checkpoint %s: training resumes after %.2f s; writing in the background",
+                         os.path.basename(final), time.perf_counter() - start)
+        return final
+
+    def _commit_fn(self, tmp: str, final: str, step: int, start: float, in_run: bool):
+        def commit():
+            if self.env.rank == 0:
+                store.write_manifest(tmp, step, {"layout": _layout(self.env)})
+                store.commit(tmp, final, update_latest=in_run)
+                for folder in store.prune(self.root, self.cfg.checkpoint.keep) if in_run else []:
+                    log.info("deleted old checkpoint %s (checkpoint.keep=%s)", folder, self.cfg.checkpoint.keep)
+                log.info("checkpoint %s complete after %.2f s", final, time.perf_counter() - start)
+            dist.barrier()
+            self._pending, self.last_committed = None, final
+        return commit
+
+    def finalize(self, blocking: bool = False) -> None:
+        """Commit a finished background save (all ranks must call this at the same points)."""
+        if self._async_queue is not None and self._pending is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        self.finalize(blocking=True)
+        if self._async_queue is not None:
+            self._async_queue.close()
+
+    # -- restoring --------------------------------------------------------------------------------------------
+
+    def source(self) -> tuple[Optional[str], bool]:
+        """(checkpoint to start from or None, whether to take its weights only), agreed on by all ranks."""
+        ckpt = self.cfg.checkpoint
+        choice = [None, False]
+        if self.env.rank == 0:
+            for stale in store.stale_temporaries(self.root):
+                warnings.warn(f"ignoring {stale}: a save that did not finish; deleting it")
+                store._remove(stale)
+            own = store.newest_complete(self.root)
+            if ckpt.resume == "never" and store.committed(self.root):
+                choice = [CheckpointError(
+                    f"{self.root} already holds checkpoints and checkpoint.resume=never. Fix: use a new run.dir, "
+                    "or checkpoint.resume=auto to continue that run."), False]
+            elif ckpt.resume == "auto" and own is not None:
+                choice = [own, False]
+            elif ckpt.load:
+                choice = [ckpt.load, ckpt.finetune]
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], CheckpointError):
+            raise choice[0]
+        return choice[0], choice[1]
+
+    def restore(self) -> TrainState:
+        """Load the state this run starts from (see ``source``); a fresh TrainState when there is none."""
+        path, weights_only = self.source()
+        if path is None:
+            return TrainState()
+        return self.load(path, weights_only=weights_only)
+
+    def _check(self, path: str, meta: dict, weights_only: bool) -> None:
+        cfg = self.cfg
+        mismatches = shape_mismatches(meta["config"], meta["padded_vocab_size"], cfg)
+        if mismatches:
+            raise CheckpointError(f"checkpoint {path} is for a different model:\n  - " + "\n  - ".join(mismatches)
+                                  + "\nFix: set these fields as the checkpoint has them, or load another checkpoint.")
+        if weights_only:
+            if meta["tokenizer"] != tokenizer_identity(cfg):
+                warnings.warn(f"{path} was trained with tokenizer {meta['tokenizer']}, this run uses "
+                              f"{tokenizer_identity(cfg)}: the embeddings will not mean the same tokens")
+            return
+        if meta["tokenizer"] != tokenizer_identity(cfg):
+            raise CheckpointError(
+                f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, this run uses "
+                f"{tokenizer_identity(cfg)}. Fix: use the checkpoint's tokenizer (see its config in the run folder), "
+                "or checkpoint.finetune=true to start a new run from its weights.")
+        if meta["optimizer"] is None:
+            raise CheckpointError(f"checkpoint {path} holds model weights only (no optimizer state to resume). "
+                                  "Fix: checkpoint.finetune=true to start from its weights.")
+        if meta["optimizer"] != _optimizer_setup(cfg):
+            differences = ", ".join(f"{k}: checkpoint {meta['optimizer'][k]!r}, this run {v!r}"
+                                    for k, v in _optimizer_setup(cfg).items() if meta["optimizer"].get(k) != v)
+            raise CheckpointError(
+                f"checkpoint {path} holds optimizer state for another optimizer setup ({differences}); it cannot be "
+                "loaded into this one. Fix: use the checkpoint's settings to resume, or checkpoint.finetune=true to "
+                "take its weights with a fresh optimizer.")
+
+    def load(self, path: str, weights_only: bool = False) -> TrainState:
+        """Collective: fill the model (and unless ``weights_only``, optimizer, schedule, RNG) from ``path``."""
+        path = os.path.normpath(path)
+        self.last_committed = path
+        if not dist_checkpointing.check_is_distributed_checkpoint(path):
+            raise CheckpointError(f"{path} is not a distributed checkpoint (no metadata.json). Fix: point "
+                                  "checkpoint.load at a folder this trainer wrote (<run.dir>/checkpoints/iter_NNNNNNN).")
+        store.verify(path)
+        meta = read_meta(path)
+        self._check(path, meta, weights_only)
+        same_layout = meta["layout"] == _layout(self.env)
+        with_optimizer = not weights_only and self.optimizer is not None
+        sharded = self._sharded_state_dict(is_loading=True, with_optimizer=with_optimizer,
+                                           with_rng=with_optimizer and same_layout)
+        try:
+            loaded = dist_checkpointing.load(sharded, path)
+        except Exception as error:  # megatron-core and torch raise many kinds; keep the cause chained
+            raise CheckpointError(f"reading checkpoint {path} failed: {type(error).__name__}: {error}") from error
+        unwrap_model(self.model).load_state_dict(loaded["model"])
+        if not with_optimizer:
+            if self.optimizer is not None:
+                self.optimizer.reload_model_params()  # mixed precision: refresh the fp32 main copy
+            self._announce(f"initialised the model from {path} (weights only)")
+            return TrainState()
+
+        with _keep_adam_step_on_load(self.optimizer):
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        self._restore_schedule(loaded["scheduler"])
+        if same_layout:
+            _set_rng_state(loaded["rng_state"])
+        state = TrainState.from_state_dict(loaded[TRAIN_STATE_KEY])
+        resharded = "" if same_layout else f" (saved at {meta['layout']}, resharded; RNG states not restored)"
+        self._announce(f"resumed from {path} at step {state.step}, {state.consumed_samples} samples{resharded}")
+        return state
+
+    def _restore_schedule(self, saved: dict) -> None:
+        """Continue the LR schedule at the saved position. Its shape comes from this run's config, so a resumed
+        run may change it (say, more iterations); changes are reported."""
+        current = self.scheduler.state_dict()
+        changed = [f"{k}: {saved[k]} -> {current[k]}" for k in current if k != "num_steps" and saved.get(k) != current[k]]
+        if changed:
+            self._announce("LR schedule differs from the checkpoint's (this run's config wins): " + ", ".join(changed))
+        self.scheduler.step(increment=saved["num_steps"] - self.scheduler.num_steps)
+
+    def _announce(self, message: str) -> None:
+        if self.env.rank == 0:
+            print(f"[checkpoint] {message}", flush=True)
+
+
+def save_weights(model, env: ParallelEnv, cfg: Config, path: str) -> None:
+    """Collective: a weights-only checkpoint at ``path`` (a seed checkpoint; load with ``checkpoint.finetune``)."""
+    Checkpointer(cfg, env, model).save(TrainState(), path)
