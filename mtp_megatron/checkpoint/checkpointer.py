@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import random
 import time
@@ -41,8 +40,6 @@ from mtp_megatron.config import Config, config_to_dict
 from mtp_megatron.data.tokenizer import resolve_tokenizer_type
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.training.state import TrainState
-
-log = logging.getLogger(__name__)
 
 META_KEY = "mtp_megatron"
 TRAIN_STATE_KEY = "train_state"
@@ -258,9 +255,8 @@ class Checkpointer:
             request.add_finalize_fn(commit)
             self._async_queue.schedule_async_request(request)
             self._pending = final
-            if self.env.rank == 0:
-                log.info("checkpoint %s: training resumes after %.2f s; writing in the background",
-                         os.path.basename(final), time.perf_counter() - start)
+            self._announce(f"{final}: training resumes after {time.perf_counter() - start:.2f} s; writing in the "
+                           "background")
         return final
 
     def _commit_fn(self, tmp: str, final: str, step: int, start: float, in_run: bool):
@@ -269,8 +265,8 @@ class Checkpointer:
                 store.write_manifest(tmp, step, {"layout": _layout(self.env)})
                 store.commit(tmp, final, update_latest=in_run)
                 for folder in store.prune(self.root, self.cfg.checkpoint.keep) if in_run else []:
-                    log.info("deleted old checkpoint %s (checkpoint.keep=%s)", folder, self.cfg.checkpoint.keep)
-                log.info("checkpoint %s complete after %.2f s", final, time.perf_counter() - start)
+                    self._announce(f"deleted {folder} (checkpoint.keep={self.cfg.checkpoint.keep})")
+                self._announce(f"saved {final} in {time.perf_counter() - start:.2f} s")
             dist.barrier()
             self._pending, self.last_committed = None, final
         return commit

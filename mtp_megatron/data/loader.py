@@ -85,8 +85,12 @@ def microbatches(dataset, consumed_samples: int, cfg: Config, env: ParallelEnv) 
 
 def _load(dataset, consumed_samples: int, micro_batch_size: int, env: ParallelEnv, num_workers: int):
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, env.dp_rank, env.dims.dp)
+    # Its own generator: each DataLoader iterator draws a seed from the one it is given, and from torch's default
+    # generator otherwise, which would shift the dropout stream of a resumed run (its iterator starts mid-run)
+    # against the uninterrupted one. The samples themselves are deterministic (megatron-core's indices).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        pin_memory=env.device.type == "cuda", persistent_workers=False)
+                        pin_memory=env.device.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator().manual_seed(0))
     for batch in loader:
         yield {key: value.to(env.device, non_blocking=True) for key, value in batch.items()}
 

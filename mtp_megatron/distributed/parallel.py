@@ -63,6 +63,12 @@ def resolve_device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+# Whether init_distributed created the world process group. A group the caller created (a test harness running
+# several jobs in one process, a notebook) is the caller's to destroy: re-creating it would reuse the launcher's
+# MASTER_PORT while a slower rank still serves the old rendezvous store, and gloo would read stale addresses.
+_owns_world_group = False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,7 +95,9 @@ def init_distributed(parallel: ParallelConfig, device_preference: str, seed: int
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    global _owns_world_group
     if not dist.is_initialized():
+        _owns_world_group = True
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=rank,
@@ -112,7 +120,10 @@ def init_distributed(parallel: ParallelConfig, device_preference: str, seed: int
 
 
 def destroy_distributed() -> None:
+    """Undo ``init_distributed``: megatron's parallel state, and the world group if it created that."""
+    global _owns_world_group
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and _owns_world_group:
         dist.destroy_process_group()
+        _owns_world_group = False

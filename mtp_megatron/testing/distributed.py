@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
@@ -25,6 +26,9 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, a
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    # One world group for the worker's life: ``fn`` may run several jobs (train() calls) one after another, and
+    # init_distributed/destroy_distributed then only rebuild megatron's parallel state inside it.
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = fn(*args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
@@ -33,8 +37,22 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, a
             f.write(traceback.format_exc())
         raise SystemExit(1)
     finally:
-        if torch.distributed.is_initialized():
-            destroy_distributed()
+        destroy_distributed()
+        torch.distributed.destroy_process_group()
+
+
+def _wait_all_or_first_failure(procs: list, timeout_s: float, grace_s: float = 20) -> None:
+    """Wait until every rank has exited; once one fails, give the others ``grace_s`` to write their own error,
+    then kill them (they would otherwise wait in a collective for the dead rank until gloo's 30-minute timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):
+            deadline = min(deadline, time.monotonic() + grace_s)
+        time.sleep(0.1)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600) -> list:
@@ -45,11 +63,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
         procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, out_dir, args)) for r in range(world_size)]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(timeout_s)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+        _wait_all_or_first_failure(procs, timeout_s)
         errors = []
         for rank, p in enumerate(procs):
             err = os.path.join(out_dir, f"{rank}.err")

@@ -2,7 +2,7 @@
 
 All layouts run in one 4-process job (so DP is 4, 2, 2 and 1 respectively, with the distributed optimizer and
 the same global batches). The TP1PP1 model saves its initial weights as a distributed checkpoint, and every
-other layout loads them resharded, then trains a few real steps through the full loop (data, schedule, DDP,
+other layout loads them resharded (``checkpoint.finetune``), then trains a few real steps through the full loop (data, schedule, DDP,
 optimizer, LR schedule), reading a real two-dataset blend through GPTDataset, broadcast over TP.
 """
 
@@ -13,7 +13,7 @@ import os
 import pytest
 from megatron.core import parallel_state
 
-from mtp_megatron.checkpoint.weights import save_weights
+from mtp_megatron.checkpoint.checkpointer import Checkpointer, save_weights
 from mtp_megatron.config import load_config
 from mtp_megatron.data.datasets import build_datasets
 from mtp_megatron.distributed.parallel import init_distributed
@@ -38,12 +38,15 @@ def train_each_layout(tmp: str, data_paths: list[str], extra: list[str]) -> dict
             [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.iters={STEPS}", "model.seq_length=64",
              f"run.dir={tmp}/run_tp{tp}pp{pp}", "logging.tensorboard=false", f"data.cache_dir={tmp}/cache",
              f"data.paths=[{','.join(data_paths)}]", *extra,
-             f"checkpoint.load={'null' if reference else initial_weights}"],
+             "checkpoint.save=false", f"checkpoint.load={'null' if reference else initial_weights}",
+             f"checkpoint.finetune={'false' if reference else 'true'}"],
         )
         env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
         model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
         if reference:
-            save_weights(model, initial_weights)
+            save_weights(model, env, cfg, initial_weights)
+        else:
+            Checkpointer(cfg, env, model, optimizer, scheduler).restore()
         train_data, _ = build_datasets(cfg, env)
         os.makedirs(cfg.run.dir, exist_ok=True)
         logger = MetricsLogger(cfg, cfg.run.dir, env.rank, env.dims.world_size)
