@@ -10,6 +10,10 @@ What a checkpoint holds, and where:
   the resolved config, the layout, the optimizer setup and the tokenizer's identity, checked before anything is
   loaded so that a wrong checkpoint fails with the fields that differ rather than deep inside a collective.
 
+Under DeepSpeed ZeRO (``parallel.sharding=zero1|2|3``) the model and the common part are written the same way
+(so they reshard, and tools read them alike; ZeRO-3 gathers each TP shard for it), and DeepSpeed's engine writes
+its optimizer partitions beside them in ``deepspeed/``, loadable at the layout they were saved with.
+
 Folder handling (temporary name, commit, ``latest``, pruning) is in checkpoint/store.py.
 """
 
@@ -39,9 +43,11 @@ from mtp_megatron.checkpoint.store import CheckpointError
 from mtp_megatron.config import Config, config_to_dict
 from mtp_megatron.data.tokenizer import resolve_tokenizer_type
 from mtp_megatron.distributed.parallel import ParallelEnv
+from mtp_megatron.training.deepspeed_engine import is_deepspeed_engine
 from mtp_megatron.training.state import TrainState
 
 META_KEY = "mtp_megatron"
+DEEPSPEED_TAG = "deepspeed"  # the subfolder DeepSpeed's engine writes its optimizer state into
 TRAIN_STATE_KEY = "train_state"
 # Megatron-LM's metadata for the optimizer's sharded state: a per-parameter layout that every rank writes in
 # parallel and that loads at any TP x PP x DP; no prefix from ChainedOptimizer, so keys do not depend on grouping.
@@ -190,6 +196,8 @@ class Checkpointer:
     def __init__(self, cfg: Config, env: ParallelEnv, model, optimizer=None, scheduler=None):
         self.cfg, self.env = cfg, env
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.deepspeed = is_deepspeed_engine(model)
+        self.module = model.module if self.deepspeed else unwrap_model(model)  # the bare MTPGPTModel
         self.root = os.path.join(cfg.run.dir, "checkpoints")
         self._async_queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         self._pending: Optional[str] = None  # the async save not yet committed
@@ -197,10 +205,23 @@ class Checkpointer:
 
     # -- saving -----------------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _full_parameters(self, modified: bool = False):
+        """ZeRO-3 keeps 1/dp of each parameter on a rank: gather them for reading (or, with ``modified``, writing,
+        broadcast from DP rank 0 and re-partitioned on exit). Nothing to do otherwise."""
+        if not (self.deepspeed and self.model.zero_optimization_stage() == 3):
+            yield
+            return
+        import deepspeed
+
+        source = dist.get_global_rank(self.env.groups.dp, 0) if modified else None
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=source):
+            yield
+
     def _sharded_state_dict(self, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
-        model_sd = unwrap_model(self.model).sharded_state_dict(metadata=dict(_SHARDING_METADATA))
+        model_sd = self.module.sharded_state_dict(metadata=dict(_SHARDING_METADATA))
         state = {"model": model_sd}
-        if with_optimizer:
+        if with_optimizer and not self.deepspeed:  # DeepSpeed's engine writes its own optimizer state
             if is_loading:
                 _prime_adam_state(self.optimizer)
             state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -224,7 +245,9 @@ class Checkpointer:
         """Save at ``state.step`` into ``path`` (default: the run's ``iter_NNNNNNN``); returns that folder. With
         ``async_save`` it is committed at a later step boundary (``finalize``)."""
         self.finalize(blocking=True)  # at most one save in flight
-        if not _all_finite(self.model, self.env.device):
+        with self._full_parameters():
+            finite = _all_finite(self.module, self.env.device)
+        if not finite:
             raise CheckpointError(f"step {state.step}: the model has non-finite weights; refusing to save them over "
                                   "good checkpoints. Restart from the newest checkpoint (checkpoint.resume=auto).")
         start = time.perf_counter()
@@ -237,17 +260,21 @@ class Checkpointer:
             os.makedirs(tmp)
         dist.barrier()
 
-        sharded = self._sharded_state_dict(is_loading=False, with_optimizer=self.optimizer is not None,
-                                           with_rng=True)
-        sharded[TRAIN_STATE_KEY] = state.state_dict()
-        sharded[META_KEY] = self._meta()
-        if self.scheduler is not None:
-            sharded["scheduler"] = self.scheduler.state_dict()
-        # Every DP replica writes a slice of the replicated tensors instead of DP rank 0 writing them all.
-        strategy = FullyParallelSaveStrategyWrapper(
-            get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True)
-        )
-        request = dist_checkpointing.save(sharded, tmp, strategy, async_sharded_save=self._async_queue is not None)
+        with self._full_parameters():
+            sharded = self._sharded_state_dict(is_loading=False, with_optimizer=self.optimizer is not None,
+                                               with_rng=True)
+            sharded[TRAIN_STATE_KEY] = state.state_dict()
+            sharded[META_KEY] = self._meta()
+            if self.scheduler is not None:
+                sharded["scheduler"] = self.scheduler.state_dict()
+            # Every DP replica writes a slice of the replicated tensors instead of DP rank 0 writing them all.
+            strategy = FullyParallelSaveStrategyWrapper(
+                get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True)
+            )
+            request = dist_checkpointing.save(sharded, tmp, strategy,
+                                              async_sharded_save=self._async_queue is not None)
+        if self.deepspeed and self.optimizer is not None:
+            self.model.save_checkpoint(tmp, tag=DEEPSPEED_TAG, save_latest=False)
         commit = self._commit_fn(tmp, final, state.step, start, in_run)
         if request is None:
             commit()
@@ -262,7 +289,8 @@ class Checkpointer:
     def _commit_fn(self, tmp: str, final: str, step: int, start: float, in_run: bool):
         def commit():
             if self.env.rank == 0:
-                store.write_manifest(tmp, step, {"layout": _layout(self.env)})
+                store.write_manifest(tmp, step, {"layout": _layout(self.env),
+                                                 "engine": "deepspeed" if self.deepspeed else "megatron"})
                 store.commit(tmp, final, update_latest=in_run)
                 for folder in store.prune(self.root, self.cfg.checkpoint.keep) if in_run else []:
                     self._announce(f"deleted {folder} (checkpoint.keep={self.cfg.checkpoint.keep})")
@@ -338,6 +366,12 @@ class Checkpointer:
                 f"checkpoint {path} holds optimizer state for another optimizer setup ({differences}); it cannot be "
                 "loaded into this one. Fix: use the checkpoint's settings to resume, or checkpoint.finetune=true to "
                 "take its weights with a fresh optimizer.")
+        if self.deepspeed and meta["layout"] != _layout(self.env):
+            raise CheckpointError(
+                f"checkpoint {path} holds DeepSpeed ZeRO optimizer partitions for layout {meta['layout']}, and this "
+                f"run is {_layout(self.env)}: DeepSpeed loads them only at the layout they were saved with. Fix: "
+                "resume at that layout, or checkpoint.finetune=true to take its (reshardable) weights with a fresh "
+                "optimizer.")
 
     def load(self, path: str, weights_only: bool = False) -> TrainState:
         """Collective: fill the model (and unless ``weights_only``, optimizer, schedule, RNG) from ``path``."""
@@ -351,21 +385,27 @@ class Checkpointer:
         self._check(path, meta, weights_only)
         same_layout = meta["layout"] == _layout(self.env)
         with_optimizer = not weights_only and self.optimizer is not None
-        sharded = self._sharded_state_dict(is_loading=True, with_optimizer=with_optimizer,
-                                           with_rng=with_optimizer and same_layout)
-        try:
-            loaded = dist_checkpointing.load(sharded, path)
-        except Exception as error:  # megatron-core and torch raise many kinds; keep the cause chained
-            raise CheckpointError(f"reading checkpoint {path} failed: {type(error).__name__}: {error}") from error
-        unwrap_model(self.model).load_state_dict(loaded["model"])
+        with self._full_parameters(modified=True):
+            sharded = self._sharded_state_dict(is_loading=True, with_optimizer=with_optimizer,
+                                               with_rng=with_optimizer and same_layout)
+            try:
+                loaded = dist_checkpointing.load(sharded, path)
+            except Exception as error:  # megatron-core and torch raise many kinds; keep the cause chained
+                raise CheckpointError(f"reading checkpoint {path} failed: {type(error).__name__}: {error}") from error
+            self.module.load_state_dict(loaded["model"])
         if not with_optimizer:
-            if self.optimizer is not None:
+            if self.deepspeed and self.optimizer is not None:
+                self.optimizer.refresh_fp32_params()  # ZeRO's fp32 master partitions from the loaded weights
+            elif self.optimizer is not None:
                 self.optimizer.reload_model_params()  # mixed precision: refresh the fp32 main copy
             self._announce(f"initialised the model from {path} (weights only)")
             return TrainState()
 
-        with _keep_adam_step_on_load(self.optimizer):
-            self.optimizer.load_state_dict(loaded["optimizer"])
+        if self.deepspeed:
+            self._load_deepspeed_optimizer(path)
+        else:
+            with _keep_adam_step_on_load(self.optimizer):
+                self.optimizer.load_state_dict(loaded["optimizer"])
         self._restore_schedule(loaded["scheduler"])
         if same_layout:
             _set_rng_state(loaded["rng_state"])
@@ -373,6 +413,17 @@ class Checkpointer:
         resharded = "" if same_layout else f" (saved at {meta['layout']}, resharded; RNG states not restored)"
         self._announce(f"resumed from {path} at step {state.step}, {state.consumed_samples} samples{resharded}")
         return state
+
+    def _load_deepspeed_optimizer(self, path: str) -> None:
+        folder = os.path.join(path, DEEPSPEED_TAG)
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{folder} is missing: checkpoint {path} has no DeepSpeed optimizer state. Fix: "
+                                  "checkpoint.finetune=true to start from its weights.")
+        loaded, _ = self.model.load_checkpoint(path, tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not read its optimizer state from {folder}. Fix: "
+                                  "checkpoint.finetune=true to start from the checkpoint's weights.")
 
     def _restore_schedule(self, saved: dict) -> None:
         """Continue the LR schedule at the saved position. Its shape comes from this run's config, so a resumed

@@ -128,12 +128,26 @@ class ParallelConfig:
     """Pipeline-parallel size: the trunk's layers split into this many stages; the heads, final norm and
     unembedding sit on the last stage. Must divide the trunk's layer count."""
 
-    sharding: Literal["none", "distributed_optimizer"] = "distributed_optimizer"
-    """How optimizer state is spread over data-parallel ranks. none = every DP rank keeps the full fp32 master
-    weights and Adam state; distributed_optimizer = megatron's ZeRO-1-like sharding of them over DP."""
+    sharding: Literal["none", "distributed_optimizer", "zero1", "zero2", "zero3"] = "distributed_optimizer"
+    """How training state is spread over data-parallel ranks. none = plain DDP: every DP rank keeps the full fp32
+    master weights and Adam state; distributed_optimizer = megatron-core's distributed optimizer (master weights
+    and Adam state sharded over DP, gradients reduce-scattered; works with TP x PP x DP); zero1 / zero2 / zero3 =
+    DeepSpeed ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters, gathered layer by layer) with
+    TP x DP, no pipeline parallelism (pp=1)."""
+
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism: with TP, split the activations outside the tensor-parallel regions (norms,
+    dropout, residuals) along the sequence over the TP ranks, saving activation memory. Needs tp > 1."""
+
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON file merged on top of the config generated from this one (sharding zero1/2/3 only), for
+    DeepSpeed settings we do not expose: bucket sizes, overlap_comm, offload. The merged config is written to
+    ``<run.dir>/deepspeed_config.json``. Keys this config owns (batch sizes, precision, clipping, ZeRO stage)
+    must not be set there."""
 
     overlap_grad_reduce: bool = False
-    """Overlap the gradient all-reduce / reduce-scatter with the backward pass (megatron DDP buckets)."""
+    """Overlap the gradient all-reduce / reduce-scatter with the backward pass (megatron DDP buckets; sharding
+    none or distributed_optimizer; DeepSpeed's own equivalent is ``overlap_comm`` in ``deepspeed_config``)."""
 
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with the next forward pass. Needs

@@ -178,10 +178,45 @@ def _check_trunk_and_heads(cfg: Config, out: _Problems) -> None:
         )
 
 
+DEEPSPEED_SHARDING = ("zero1", "zero2", "zero3")
+
+
 def _check_parallel(cfg: Config, out: _Problems) -> None:
-    """Overlap settings (megatron allows param-gather overlap only on top of grad-reduce overlap)."""
+    """Sharding combinations, sequence parallelism and overlap settings."""
     par = cfg.parallel
-    if par.overlap_param_gather and par.sharding != "distributed_optimizer":
+    deepspeed = par.sharding in DEEPSPEED_SHARDING
+    if deepspeed and "parallel.pp" not in out.bad and par.pp > 1:
+        out.add(
+            "parallel.sharding",
+            f"{par.sharding} (DeepSpeed ZeRO) does not combine with pipeline parallelism (pp={par.pp}): DeepSpeed "
+            "runs ZeRO-2/3 without pipelines, and ZeRO-1 only inside its own pipeline engine. Supported: none and "
+            "distributed_optimizer with TP x PP x DP; zero1, zero2 and zero3 with TP x DP",
+            "set parallel.sharding=distributed_optimizer (megatron's ZeRO-1-style sharding, which works with pp), "
+            "or parallel.pp=1",
+        )
+    if deepspeed and (par.overlap_grad_reduce or par.overlap_param_gather):
+        out.add(
+            "parallel.overlap_grad_reduce" if par.overlap_grad_reduce else "parallel.overlap_param_gather",
+            f"is megatron DDP's; sharding={par.sharding} runs DeepSpeed's engine",
+            'drop it and set DeepSpeed\'s {"zero_optimization": {"overlap_comm": true}} in parallel.deepspeed_config',
+        )
+    if par.deepspeed_config and not deepspeed:
+        out.add("parallel.deepspeed_config", f"is only read with sharding zero1, zero2 or zero3, not {par.sharding}",
+                "drop it, or choose a DeepSpeed sharding")
+    if par.sequence_parallel and "parallel.tp" not in out.bad and par.tp == 1:
+        out.add("parallel.sequence_parallel", "needs tensor parallelism (it splits the sequence over TP ranks)",
+                "set parallel.tp > 1, or parallel.sequence_parallel=false")
+    if par.sequence_parallel and deepspeed:
+        out.add(
+            "parallel.sequence_parallel",
+            f"is not supported with sharding={par.sharding}: the norms' gradients must be summed over TP ranks, "
+            "which megatron's DDP does and DeepSpeed's engine does not",
+            "use sharding=distributed_optimizer (or none) with sequence parallelism",
+        )
+    if par.sequence_parallel and not out.bad & {"model.seq_length", "parallel.tp"} and cfg.model.seq_length % par.tp:
+        out.add("model.seq_length", f"{cfg.model.seq_length} cannot be split over parallel.tp={par.tp} ranks "
+                "(sequence parallelism)", f"use a multiple of {par.tp}")
+    if par.overlap_param_gather and par.sharding == "none":
         out.add(
             "parallel.overlap_param_gather",
             f"needs sharding=distributed_optimizer (there is no parameter all-gather with sharding={par.sharding})",
@@ -270,6 +305,9 @@ def _check_checkpoint(cfg: Config, out: _Problems) -> None:
     if ckpt.finetune and not ckpt.load:
         out.add("checkpoint.finetune", "needs checkpoint.load (the checkpoint whose weights to start from)",
                 "set checkpoint.load=PATH/iter_NNNNNNN, or finetune=false")
+    if ckpt.async_save and cfg.parallel.sharding in DEEPSPEED_SHARDING:
+        out.add("checkpoint.async_save", f"is not supported with sharding={cfg.parallel.sharding}: DeepSpeed's engine "
+                "writes its optimizer partitions synchronously", "set checkpoint.async_save=false")
     if ckpt.async_save and not ckpt.save:
         out.add("checkpoint.async_save", "has no effect with checkpoint.save=false", "drop one of the two")
 

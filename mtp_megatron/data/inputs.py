@@ -1,4 +1,5 @@
-"""Resolve and check what a config reads from disk, at load time: the tokenizer and the data files.
+"""Resolve and check what a config reads from disk, at load time: the tokenizer, the data files and a DeepSpeed
+JSON.
 
 ``load_config`` calls ``resolve_inputs`` after the pure checks, so a missing prefix, a corrupt ``.bin``, a blend
 whose weights do not match its paths, a tokenizer larger than the model's vocabulary or a split that leaves the
@@ -15,6 +16,7 @@ from mtp_megatron.config.errors import ConfigError
 from mtp_megatron.config.schema import Config
 from mtp_megatron.data.index_file import DataFileError, inspect_indexed_dataset
 from mtp_megatron.data.tokenizer import TokenizerError, build_tokenizer
+from mtp_megatron.training.deepspeed_config import deepspeed_config_problems
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -71,6 +73,7 @@ def resolve_inputs(cfg: Config) -> None:
             f">= {tokenizer.vocab_size}")
     if cfg.data.paths:
         problems += _data_problems(cfg, tokenizer.vocab_size)
+    problems += deepspeed_config_problems(cfg)
     if problems:
         raise ConfigError.from_problems(problems)
 

@@ -50,6 +50,7 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=cfg.parallel.tp,
         pipeline_model_parallel_size=cfg.parallel.pp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=_DTYPES[precision],
         pipeline_dtype=_DTYPES[precision],
         bf16=precision == "bf16",
@@ -71,12 +72,19 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
 
 def build_model(cfg: Config, env: ParallelEnv) -> MTPGPTModel:
     """This stage's bare model (no DDP), on the run's device and in the run's precision."""
-    config = transformer_config(cfg, env.device)
+    model = construct_model(cfg, transformer_config(cfg, env.device), env.groups, env.is_first_stage,
+                            env.is_last_stage)
+    return model.to(env.device)
+
+
+def construct_model(cfg: Config, config: TransformerConfig, groups, first_stage: bool,
+                    last_stage: bool) -> MTPGPTModel:
+    """The stage's ``MTPGPTModel`` where torch creates tensors now (the planner builds it on the meta device)."""
     layer_spec, norm_spec = layer_and_norm_specs(cfg.model, explicit_attention_mask=cfg.data.reset_attention_mask)
     document_eod = None
     if cfg.data.reset_attention_mask:
         document_eod = build_tokenizer(cfg.tokenizer.type, cfg.tokenizer.model).eod
-    model = MTPGPTModel(
+    return MTPGPTModel(
         config,
         layer_spec,
         norm_spec,
@@ -84,14 +92,13 @@ def build_model(cfg: Config, env: ParallelEnv) -> MTPGPTModel:
         max_sequence_length=cfg.model.seq_length,
         n_heads=cfg.mtp.n_heads,
         sequential_backward=cfg.mtp.sequential_backward,
-        pre_process=env.is_first_stage,
-        post_process=env.is_last_stage,
+        pre_process=first_stage,
+        post_process=last_stage,
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
         document_eod=document_eod,
-        pg_collection=env.groups,
+        pg_collection=groups,
     )
-    return model.to(env.device)
 
 
 def wrap_model(model: MTPGPTModel, cfg: Config, env: ParallelEnv) -> DistributedDataParallel:

@@ -213,8 +213,14 @@ class _SequentialHeadsLoss(torch.autograd.Function):
         (hidden,) = ctx.saved_tensors
         # The heads' graphs start at a leaf so each backward stops at z and only accumulates dL/dz there.
         hidden = hidden.detach().requires_grad_()
+        shared = [*ctx.heads.final_norm.parameters(), *ctx.heads.output_layer.parameters()]
         with torch.enable_grad():
             for head in range(ctx.heads.n_heads):
+                # The shared norm and unembedding receive one gradient per head. DeepSpeed ZeRO reduces a
+                # gradient as soon as it arrives unless told to wait (its flag for such loops; nothing else reads
+                # it): reduce theirs once, after the last head.
+                for param in shared:
+                    param.ds_grad_is_ready = head == ctx.heads.n_heads - 1
                 loss, ctx.stats[head] = ctx.heads.head_loss(head, hidden, ctx.inputs)
                 # grad_output is the schedule's scale for the placeholder (1/num_microbatches x loss scale);
                 # the placeholder stands for the sum of head losses, so each head gets the same scale.

@@ -1,11 +1,45 @@
-"""megatron-core layer specs: Transformer Engine when it is installed (GPU clusters), local modules otherwise."""
+"""megatron-core layer specs: Transformer Engine when it is installed (GPU clusters), local modules otherwise.
+
+The local spec's norms are replaced by ``Norm``: megatron-core's torch-norm wrapper refuses sequence
+parallelism, because it cannot mark its parameters for the all-reduce over TP that their gradients need (each TP
+rank normalises only its slice of the sequence). ``Norm`` marks them, and uses NVIDIA Apex's fused kernels when
+Apex is installed (GPU clusters build it from source; never from PyPI, whose ``apex`` is another project).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtp_megatron.config import ModelConfig
+
+try:  # optional: Apex's fused norms (CUDA only)
+    from apex.normalization import FusedLayerNorm as ApexLayerNorm, FusedRMSNorm as ApexRMSNorm
+
+    HAVE_APEX = True
+except ImportError:
+    HAVE_APEX = False
+
+
+class Norm:
+    """The model's norm (``config.normalization``) with its parameters marked ``sequence_parallel``, so megatron's
+    ``finalize_model_grads`` sums their gradients over TP when sequence parallelism is on. Apex's fused kernel on
+    GPU when Apex is installed, torch's otherwise; both hold the same ``weight`` (and ``bias``) parameters."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
+        rms = config.normalization == "RMSNorm"
+        if HAVE_APEX and torch.cuda.is_available() and not config.use_cpu_initialization:
+            norm = (ApexRMSNorm if rms else ApexLayerNorm)(hidden_size, eps=eps)
+        else:
+            norm = (torch.nn.RMSNorm if rms else torch.nn.LayerNorm)(hidden_size, eps=eps)
+        norm.to(dtype=config.params_dtype)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
 
 
 def use_transformer_engine(impl: str) -> bool:
@@ -18,7 +52,7 @@ def use_transformer_engine(impl: str) -> bool:
 
 
 def layer_and_norm_specs(model: ModelConfig, explicit_attention_mask: bool = False) -> tuple[ModuleSpec, ModuleSpec]:
-    """The spec of one transformer layer (trunk and heads alike) and of the heads' shared final norm.
+    """The spec of one transformer layer (trunk and heads alike) and of the norm the heads share.
 
     ``explicit_attention_mask`` (document masks) needs the local attention, which applies the mask it is given;
     Transformer Engine's causal attention ignores it (the config refuses an explicit transformer_engine then).
@@ -28,5 +62,6 @@ def layer_and_norm_specs(model: ModelConfig, explicit_attention_mask: bool = Fal
 
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), ModuleSpec(module=TENorm)
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
-    # LNImpl is Apex's fused norm when Apex is installed, torch's norm otherwise.
-    return layer, ModuleSpec(module=gpt_layer_specs.LNImpl)
+    norm = ModuleSpec(module=Norm)
+    layer.submodules = dataclasses.replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+    return layer, norm

@@ -18,6 +18,8 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mtp_megatron.distributed.parallel import ParallelEnv
+from mtp_megatron.training import deepspeed_engine
+from mtp_megatron.training.deepspeed_engine import is_deepspeed_engine
 from mtp_megatron.model.heads import STAT_CORRECT, STAT_LOSS_SUM, STAT_TOKENS
 
 
@@ -108,6 +110,8 @@ def run_forward_backward(model_chunks, data_iterator, num_microbatches: int, cfg
 
 
 def train_step(model_chunks, optimizer, scheduler, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
+    if is_deepspeed_engine(model_chunks[0]):
+        return _deepspeed_train_step(model_chunks[0], scheduler, data_iterator, num_microbatches, cfg, env)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -115,6 +119,19 @@ def train_step(model_chunks, optimizer, scheduler, data_iterator, num_microbatch
     # The losses first: every rank must know whether any head's loss was finite before anyone steps.
     result = reduce_head_stats(losses_reduced, cfg.mtp.n_heads, env)
     result.grad_norm, result.skip_reason = step_if_finite(optimizer, losses_finite=not result.nonfinite_heads)
+    result.update_skipped = result.skip_reason is not None
+    if not result.update_skipped:
+        scheduler.step(increment=1)
+    return result
+
+
+def _deepspeed_train_step(engine, scheduler, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
+    """The same step through DeepSpeed's engine, which applies (or, for a non-finite norm, skips) the update."""
+    losses_reduced = deepspeed_engine.forward_backward(engine, data_iterator, num_microbatches, forward_only=False)
+    result = reduce_head_stats(losses_reduced, cfg.mtp.n_heads, env)
+    result.grad_norm, result.skip_reason = deepspeed_engine.update_result(engine)
+    if result.skip_reason and result.nonfinite_heads:
+        result.skip_reason = "non-finite loss"
     result.update_skipped = result.skip_reason is not None
     if not result.update_skipped:
         scheduler.step(increment=1)
@@ -150,7 +167,11 @@ def step_if_finite(optimizer, losses_finite: bool) -> tuple[float | None, str | 
 def eval_step(model_chunks, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
     for chunk in model_chunks:
         chunk.eval()
-    losses_reduced = run_forward_backward(model_chunks, data_iterator, num_microbatches, cfg, forward_only=True)
+    if is_deepspeed_engine(model_chunks[0]):
+        losses_reduced = deepspeed_engine.forward_backward(model_chunks[0], data_iterator, num_microbatches,
+                                                           forward_only=True)
+    else:
+        losses_reduced = run_forward_backward(model_chunks, data_iterator, num_microbatches, cfg, forward_only=True)
     for chunk in model_chunks:
         chunk.train()
     return reduce_head_stats(losses_reduced, cfg.mtp.n_heads, env)

@@ -63,9 +63,10 @@ def test_resume_is_bitwise_exact_under_tp2_pp2(tmp_path, byte_datasets):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("sharding", ["distributed_optimizer", "none"])
+@pytest.mark.parametrize("sharding", ["distributed_optimizer", "none", "zero1", "zero2", "zero3"])
 def test_resume_is_bitwise_exact_under_data_parallelism(tmp_path, byte_datasets, sharding):
-    """DP=2: the distributed optimizer's state is sharded over the two ranks (gathered and re-split on load)."""
+    """DP=2: under the distributed optimizer and ZeRO the optimizer state is sharded over the two ranks
+    (megatron-core gathers and re-splits it; DeepSpeed writes and reads each rank's partition)."""
     runs = run_distributed(uninterrupted_and_resumed, 2, str(tmp_path), byte_datasets,
                            [f"parallel.sharding={sharding}", "model.hidden_dropout=0.1"])[0]
     _assert_bitwise_continuation(runs)
@@ -197,8 +198,9 @@ def train_with_nan_in_head(tmp: str, data: list[str], head: int, steps: set, ove
 
 
 @pytest.mark.distributed
-def test_nan_policy_skip_drops_the_update_and_goes_on(tmp_path, byte_datasets):
-    out = run_distributed(train_with_nan_in_head, 2, str(tmp_path), byte_datasets, 2, {3}, [])[0]
+@pytest.mark.parametrize("engine", [[], ["parallel.pp=1", "parallel.sharding=zero2"]], ids=["megatron_pp2", "zero2"])
+def test_nan_policy_skip_drops_the_update_and_goes_on(tmp_path, byte_datasets, engine):
+    out = run_distributed(train_with_nan_in_head, 2, str(tmp_path), byte_datasets, 2, {3}, engine)[0]
     history, metrics = out["history"], out["metrics"]
     assert [r.update_skipped for r in history] == [False, False, True, False, False, False]
     assert history[2].nonfinite_heads == [2]  # head 2 only; the others' losses stayed finite

@@ -145,7 +145,7 @@ def test_malformed_override_says_the_expected_form(override):
         ("mtp.sequential_backward=1", "mtp.sequential_backward: expected true or false"),
         ("run.dir=yes", "run.dir: expected a string"),
         ("data.paths=/d/a", "data.paths: expected a list"),
-        ("parallel.sharding=zero1", "choose one of 'none', 'distributed_optimizer'"),
+        ("parallel.sharding=zero4", "choose one of 'none', 'distributed_optimizer', 'zero1', 'zero2', 'zero3'"),
         ("train.precision=bf32", "choose one of 'auto', 'fp32', 'bf16', 'fp16'"),
         ("train.iters=null", "train.iters: expected an integer, got None"),
     ],

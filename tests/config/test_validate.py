@@ -67,6 +67,22 @@ def _problems(overrides, world_size=None):
         (["checkpoint.interval=-1"], ["checkpoint.interval: must be >= 0"]),
         (["logging.log_interval=0"], ["logging.log_interval: must be >= 1"]),
         (["train.eval_interval=5", "train.eval_iters=0"], ["train.eval_iters: must be >= 1 when evaluating"]),
+        # sharding: what is supported is listed, and the fix names a combination that works
+        (["parallel.sharding=zero2", "parallel.pp=2"],
+         ["parallel.sharding: zero2 (DeepSpeed ZeRO) does not combine with pipeline parallelism (pp=2)",
+          "Supported: none and distributed_optimizer with TP x PP x DP; zero1, zero2 and zero3 with TP x DP",
+          "parallel.sharding=distributed_optimizer"]),
+        (["parallel.sharding=zero1", "parallel.pp=2"], ["parallel.sharding: zero1 (DeepSpeed ZeRO) does not"]),
+        (["parallel.sharding=zero3", "parallel.overlap_grad_reduce=true"],
+         ["parallel.overlap_grad_reduce: is megatron DDP's", "overlap_comm"]),
+        (["parallel.deepspeed_config=ds.json"], ["parallel.deepspeed_config: is only read with sharding zero1"]),
+        (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel: needs tensor parallelism"]),
+        (["parallel.sequence_parallel=true", "parallel.tp=2", "parallel.sharding=zero2"],
+         ["parallel.sequence_parallel: is not supported with sharding=zero2", "sharding=distributed_optimizer"]),
+        (["parallel.sequence_parallel=true", "parallel.tp=2", "model.seq_length=33"],
+         ["model.seq_length: 33 cannot be split over parallel.tp=2 ranks (sequence parallelism)"]),
+        (["parallel.sharding=zero2", "checkpoint.async_save=true"],
+         ["checkpoint.async_save: is not supported with sharding=zero2"]),
     ],
 )
 def test_rule_fires_naming_the_field(overrides, expected):
@@ -87,6 +103,8 @@ def test_rule_fires_naming_the_field(overrides, expected):
         ["mtp.n_heads=1"],  # a plain GPT
         ["model.num_query_groups=2", "parallel.tp=2"],
         ["data.split=1"],
+        ["parallel.sharding=zero3", "parallel.tp=2"],
+        ["parallel.sequence_parallel=true", "parallel.tp=2", "parallel.pp=2"],
     ],
 )
 def test_valid_combinations_pass(overrides):
@@ -137,3 +155,21 @@ def test_world_checks_include_the_config_checks():
     with pytest.raises(ConfigError) as e:
         validate_for_world(cfg, world_size=3)
     assert len(e.value.problems) == 2 and "optim.lr" in str(e.value) and "world size 3" in str(e.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "holds a list, not a JSON object"),
+    ('{"train_batch_size": 64, "zero_optimization": {"stage": 3, "overlap_comm": true}}',
+     "sets train_batch_size (set by train.global_batch_size), zero_optimization.stage (set by parallel.sharding)"),
+])
+def test_deepspeed_json_is_checked_at_load(tmp_path, content, expected):
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    _, message = _problems(["parallel.sharding=zero2", f"parallel.deepspeed_config={path}"])
+    assert "parallel.deepspeed_config:" in message and expected in message and "Fix:" in message
+
+
+def test_missing_deepspeed_json_is_named(tmp_path):
+    _, message = _problems(["parallel.sharding=zero1", f"parallel.deepspeed_config={tmp_path}/none.json"])
+    assert f"cannot read {tmp_path}/none.json" in message
