@@ -38,15 +38,17 @@ def train(cfg: Config):
     from mtp_megatron.training.loop import fit
     from mtp_megatron.training.metrics import MetricsLogger
     from mtp_megatron.training.setup import setup_model_and_optimizer
-    from mtp_megatron.training.stopping import StopRequests
+    from mtp_megatron.training.stopping import STOP_FILE, StopRequests, clear_stop_file
 
     env = init_distributed(cfg.parallel, cfg.train.device, cfg.train.seed)
-    # From here on SIGTERM/SIGUSR1 mean "save and stop at the next step boundary", not "die now".
-    with StopRequests(cfg.train.exit_duration_mins, env.device, cfg.train.stop_at_step) as stop:
+    run_dir = cfg.run.dir
+    stop_file = os.path.join(run_dir, STOP_FILE) if env.rank == 0 else None
+    # From here on SIGTERM/SIGUSR1 (or a STOP file) mean "save and stop at the next step boundary", not "die now".
+    with StopRequests(cfg.train.exit_duration_mins, env.device, cfg.train.stop_at_step, stop_file) as stop:
         try:
-            run_dir = cfg.run.dir
             if env.rank == 0:
                 os.makedirs(run_dir, exist_ok=True)
+                clear_stop_file(stop_file)  # served by the stop that wrote the checkpoint this run resumes from
                 save_resolved_config(cfg, run_dir)
 
             model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
