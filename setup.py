@@ -28,6 +28,10 @@ setup(
         "pyyaml>=6.0",
         "numpy",
         "einops",
+        # Checkpoint conversion to and from Hugging Face (tools/convert_checkpoint.py).
+        "transformers>=5.0,<6",
+        "safetensors>=0.5",
+        "huggingface-hub>=1.0",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -17,7 +17,8 @@
 #   SETUP           shell commands run first on every node: module loads, conda/venv activation, env exports []
 #   REPO            the repository on a shared file system [the submit directory]
 #   MAX_REQUEUES    requeues after a clean stop before giving up [50]
-#   MASTER_PORT     rendezvous port [20000 + job id mod 20000]
+#   RDZV_PORT       rendezvous port [20000 + job id mod 20000] (not MASTER_PORT: a stale one in the submitting
+#                   shell's environment would travel with the job)
 #
 # Stops and requeues: 10 minutes before the time limit Slurm signals this script (USR1, --signal=B:...); it
 # creates RUN_DIR/STOP, every rank saves a checkpoint at the next step boundary and exits 0, run_state.json says
@@ -54,7 +55,7 @@ RESTARTS=${SLURM_RESTART_COUNT:-0}
 # The rendezvous host: the first node, by the address Slurm knows it at (NodeAddr: a hostname on most clusters).
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR=$(scontrol show node "$first_node" | grep -oE 'NodeAddr=[^ ]+' | cut -d= -f2)
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 
 mkdir -p "$RUN_DIR"
 echo "[slurm] job $SLURM_JOB_ID (restart $RESTARTS): $SLURM_JOB_NUM_NODES nodes x $RANKS_PER_NODE ranks," \

@@ -16,3 +16,22 @@ def byte_datasets(tmp_path_factory):
                             random_documents(count, 0, 256, tok.eod, seed), tok.vocab_size)
         for name, count, seed in (("a", 200, 1), ("b", 120, 2))
     ]
+
+
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_launcher_environment():
+    """A test that starts a single-process job in the pytest process leaves torchrun's variables set (that is how
+    ``init_distributed`` runs without a launcher); the jobs later tests launch (sbatch, mpirun, subprocesses)
+    would inherit its stale MASTER_PORT. Restore them after every test."""
+    import os
+
+    before = {key: os.environ.get(key) for key in _LAUNCHER_VARIABLES}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

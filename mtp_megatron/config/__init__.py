@@ -1,7 +1,7 @@
 """Typed run configuration: schema (one dataclass per concern), YAML + override loading, validation."""
 
 from mtp_megatron.config.errors import ConfigError
-from mtp_megatron.config.loader import config_to_dict, load_config, save_resolved_config
+from mtp_megatron.config.loader import config_from_dict, config_to_dict, load_config, save_resolved_config
 from mtp_megatron.config.schema import (
     CheckpointConfig,
     Config,
@@ -32,6 +32,7 @@ __all__ = [
     "RunConfig",
     "TokenizerConfig",
     "TrainConfig",
+    "config_from_dict",
     "config_to_dict",
     "describe_fields",
     "format_config_help",

@@ -42,6 +42,17 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
+def config_from_dict(values: Dict[str, Dict[str, Any]], source: str = "a saved config") -> Config:
+    """A ``Config`` from ``config_to_dict``'s output (a checkpoint's config), checked with ``validate`` but without
+    opening its tokenizer or data files, which need not exist where a checkpoint is read."""
+    cfg = Config()
+    for section, section_values in values.items():
+        for key, value in section_values.items():
+            _set(cfg, section, key, value, source=source)
+    validate(cfg)
+    return cfg
+
+
 def config_to_dict(cfg: Config) -> Dict[str, Dict[str, Any]]:
     """The config as plain nested dicts (YAML/JSON friendly)."""
     return dataclasses.asdict(cfg)

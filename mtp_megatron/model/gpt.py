@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from megatron.core.models.gpt import GPTModel
@@ -85,3 +86,11 @@ class MTPGPTModel(GPTModel):
         head_labels, head_masks = shift_targets(labels, loss_mask, self.mtp_heads.n_heads, self.document_eod)
         inputs = HeadInputs(head_labels, head_masks, attention_mask, rotary_pos_emb)
         return self.mtp_heads(hidden, inputs)
+
+    def head_logits(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """Every head's vocab-parallel logits [n, s, b, V/tp] for a single-stage model (pp=1): evaluation, decoding
+        and conversion checks; training never materialises more than one head's logits (see heads.py)."""
+        decoder_input, rotary_pos_emb, *_ = self._preprocess(input_ids=input_ids, position_ids=position_ids)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary_pos_emb)
+        inputs = HeadInputs([], [], None, rotary_pos_emb)
+        return torch.stack([self.mtp_heads.logits(k, hidden, inputs) for k in range(self.mtp_heads.n_heads)])

@@ -17,6 +17,7 @@ import subprocess
 import time
 from typing import Optional
 
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 
 
@@ -52,7 +53,10 @@ class SlurmCluster:
 
     @property
     def env(self) -> dict:
-        return {**os.environ, "SLURM_CONF": self.conf}
+        """The environment for clients, and so for the jobs they submit: without any torch.distributed launcher
+        variables of the calling process."""
+        inherited = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+        return {**inherited, "SLURM_CONF": self.conf}
 
     # -- start ----------------------------------------------------------------------------------------------------
 

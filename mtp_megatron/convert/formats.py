@@ -1,0 +1,35 @@
+"""Which checkpoint format a folder holds, and reading any of them into our config and dense state dict."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+FORMATS = ("megatron", "hf", "meta")
+
+
+def detect_format(path: str) -> str:
+    """megatron (ours: a dist checkpoint's metadata.json), hf (config.json) or meta (params.json)."""
+    for marker, name in (("metadata.json", "megatron"), ("config.json", "hf"), ("params.json", "meta")):
+        if os.path.exists(os.path.join(path, marker)):
+            return name
+    raise ValueError(f"{path} is none of the formats: no metadata.json (ours), config.json (Hugging Face) or "
+                     "params.json (Meta). Fix: point at the checkpoint folder itself, or name the format")
+
+
+def read_any(path: str, source: Optional[str] = None, n_heads: Optional[int] = None, seq_length: int = 4096):
+    """(our config, dense state dict, tokenizer .model path or None) of the checkpoint at ``path``."""
+    from mtp_megatron.convert import hf, meta, native
+
+    source = source or detect_format(path)
+    if source == "megatron":
+        cfg, dense = native.read_checkpoint(path)
+        tokenizer = cfg.tokenizer.model
+    elif source == "hf":
+        llama, heads, hf_config, heads_meta = hf.read_folder(path)
+        cfg = hf.config_for_folder(hf_config, heads_meta, n_heads)
+        dense, tokenizer = hf.from_llama(cfg, llama, heads), os.path.join(path, "tokenizer.model")
+    else:
+        cfg, dense = meta.read_meta_folder(path, seq_length)
+        tokenizer = os.path.join(path, "tokenizer.model")
+    return cfg, dense, tokenizer if tokenizer and os.path.exists(tokenizer) else None

@@ -1,0 +1,1 @@
+"""Decoding with the MTP heads: a KV-cached forward (decoder.py) and greedy / self-speculative decoding."""

@@ -1,0 +1,88 @@
+"""Decoding: the KV-cached decoder computes our model's per-head logits, and self-speculative decoding with the
+heads gives exactly plain greedy's tokens, on a model whose heads have learned something (so drafts are accepted)
+and on an untrained one (so they are rejected)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtp_megatron.config import load_config
+from mtp_megatron.convert import native
+from mtp_megatron.inference.decoder import KVCache, MTPDecoder
+from mtp_megatron.inference.decoding import greedy, speculative
+from tests.inference.conftest import TINY, periodic_documents
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    cfg = load_config(os.path.join(REPO, "configs/tiny.yaml"), TINY)
+    from mtp_megatron.model.builder import build_model
+
+    with native.single_process() as env:
+        model = build_model(native.dense_config(cfg, "fp32"), env)
+        return cfg, {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def test_decoder_computes_our_models_per_head_logits(untrained):
+    cfg, dense = untrained
+    tokens = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(0))
+    with native.dense_model(cfg, dense) as (model, _), torch.no_grad():
+        ours = model.head_logits(tokens, torch.arange(30).expand_as(tokens)).transpose(1, 2)
+    decoded = MTPDecoder(cfg, dense).forward(tokens, KVCache())
+    assert decoded.shape == (4, 2, 30, cfg.model.vocab_size)
+    assert torch.allclose(decoded, ours[..., : cfg.model.vocab_size], atol=1e-4, rtol=0)
+
+
+def test_cached_steps_equal_one_forward(untrained):
+    cfg, dense = untrained
+    decoder = MTPDecoder(cfg, dense, torch.float64)
+    tokens = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(1))
+    whole = decoder.forward(tokens, KVCache())
+    cache = KVCache()
+    pieces = [decoder.forward(tokens[:, :5], cache), decoder.forward(tokens[:, 5:9], cache)]
+    pieces += [decoder.forward(tokens[:, i:i + 1], cache) for i in range(9, 17)]
+    assert torch.allclose(torch.cat(pieces, dim=2), whole, atol=1e-10, rtol=0)
+    cache.crop(12)  # forget positions 12.. and recompute them
+    assert torch.allclose(decoder.forward(tokens[:, 12:], cache), whole[:, :, 12:], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_speculative_equals_greedy(trained, untrained, batch):
+    cfg, dense = native.read_checkpoint(trained)
+    for name, (model_cfg, weights) in {"trained": (cfg, dense), "untrained": untrained}.items():
+        decoder = MTPDecoder(model_cfg, weights, torch.float64)
+        gen = torch.Generator().manual_seed(batch)
+        per_forward = []
+        for prompt_len, new in ((1, 1), (3, 7), (8, 30), (20, 45)):
+            docs = periodic_documents(batch + prompt_len, 256)
+            prompt = torch.tensor([d[:prompt_len] for d in docs[:batch]])
+            if name == "untrained":
+                prompt = torch.randint(0, 256, (batch, prompt_len), generator=gen)
+            plain, plain_stats = greedy(decoder, prompt, new)
+            fast, stats = speculative(decoder, prompt, new)
+            assert torch.equal(fast, plain), (name, prompt_len, new)
+            assert plain_stats.tokens_per_forward == pytest.approx(1.0)
+            per_forward.append(stats.tokens_per_forward)
+        if name == "trained":  # the heads learned the cycles: most drafts are accepted
+            assert per_forward[-1] > 2.0, per_forward
+            assert stats.acceptance()[0] > 0.5, stats.acceptance()
+
+
+def test_generate_cli_compares_and_reports(trained):
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "mtp_megatron.generate", "--checkpoint", trained, "--prompt",
+                             "abcabcab", "--max-new-tokens", "24", "--compare"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["greedy/tokens_per_forward"] == pytest.approx(1.0)
+    assert report["speculative/tokens_per_forward"] >= 1.0 and len(report["speculative/acceptance"]) == 3
+    assert report["speedup"] > 0
