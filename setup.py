@@ -32,6 +32,7 @@ setup(
         "transformers>=5.0,<6",
         "safetensors>=0.5",
         "huggingface-hub>=1.0",
+        "tqdm",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],

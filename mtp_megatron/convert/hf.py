@@ -115,6 +115,13 @@ def layer_from_llama(cfg: Config, llama: dict, prefix: str) -> dict:
     }
 
 
+def progress(items, what: str):
+    """A progress bar on a terminal (large models take minutes), nothing in logs."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"[convert] {what}", disable=None, leave=False)
+
+
 def _prefixed(prefix: str, tensors: dict) -> dict:
     return {prefix + key: value for key, value in tensors.items()}
 
@@ -131,7 +138,7 @@ def to_llama(cfg: Config, dense: dict) -> tuple[dict, dict]:
     """(LlamaForCausalLM state dict, extra heads' state dict) of our dense state dict."""
     trunk = cfg.trunk_num_layers()
     llama = {theirs: dense[ours] for ours, theirs in TOP_LEVEL.items()}
-    for i in range(trunk):
+    for i in progress(range(trunk), "layers to Llama"):
         llama.update(_prefixed(f"model.layers.{i}.", layer_to_llama(cfg, dense, f"decoder.layers.{i}.")))
     llama.update(_prefixed(f"model.layers.{trunk}.", layer_to_llama(cfg, dense, "mtp_heads.layers.0.")))
     heads = {}
@@ -150,7 +157,7 @@ def from_llama(cfg: Config, llama: dict, heads: Optional[dict]) -> dict:
     if missing:
         raise KeyError(f"{', '.join(missing)} missing from the Hugging Face weights")
     dense = {ours: llama[theirs] for ours, theirs in TOP_LEVEL.items()}
-    for i in range(trunk):
+    for i in progress(range(trunk), "layers from Llama"):
         dense.update(_prefixed(f"decoder.layers.{i}.", layer_from_llama(cfg, llama, f"model.layers.{i}.")))
     head_one = layer_from_llama(cfg, llama, f"model.layers.{trunk}.")
     dense.update(_prefixed("mtp_heads.layers.0.", head_one))
@@ -220,7 +227,7 @@ def read_folder(folder: str) -> tuple[dict, Optional[dict], dict, Optional[dict]
     else:
         raise FileNotFoundError(f"{folder} has neither {WEIGHTS_INDEX} nor model.safetensors (safetensors weights)")
     llama = {}
-    for name in files:
+    for name in progress(files, "reading shards"):
         llama.update(load_file(os.path.join(folder, name)))
     meta, heads = None, None
     if os.path.exists(os.path.join(folder, HEADS_CONFIG)):

@@ -19,7 +19,7 @@ import os
 import torch
 
 from mtp_megatron.config import Config, config_from_dict, config_to_dict
-from mtp_megatron.convert.hf import _prefixed, _qkv_merge
+from mtp_megatron.convert.hf import _prefixed, _qkv_merge, progress
 
 
 def _to_rotate_half(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -79,7 +79,7 @@ def read_meta_folder(folder: str, seq_length: int = 4096) -> tuple[Config, dict]
     dense = {"embedding.word_embeddings.weight": meta["tok_embeddings.weight"],
              "mtp_heads.final_norm.weight": meta["norm.weight"],
              "mtp_heads.output_layer.weight": meta["output.weight"]}
-    for i in range(layers - 1):
+    for i in progress(range(layers - 1), "layers from Meta"):
         dense.update(_prefixed(f"decoder.layers.{i}.", _layer(cfg, meta, f"layers.{i}.")))
     dense.update(_prefixed("mtp_heads.layers.0.", _layer(cfg, meta, f"layers.{layers - 1}.")))
     for k, index in enumerate(extra, start=1):

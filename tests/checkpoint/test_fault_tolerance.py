@@ -209,7 +209,7 @@ def test_sigusr1_to_one_worker_stops_all_ranks_and_rerun_finishes_identically(tm
     """SIGUSR1 sent to rank 1's worker only (not to torchrun): both ranks stop together at the next step
     boundary, save that step and exit 0 with run_state ``stopped``; the same command again finishes the run with
     exactly the uninterrupted run's losses."""
-    iters = 20
+    iters = 12
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     cmd = _torchrun("mtp_megatron.train", _args(run_dir, iters=iters, interval=0))
     job = jobs(cmd, tmp_path, "signalled")

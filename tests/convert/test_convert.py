@@ -37,15 +37,31 @@ def source(tmp_path_factory) -> str:
     return f"{run_dir}/checkpoints/iter_0000003"
 
 
-def _convert(*args: str) -> subprocess.CompletedProcess:
+def _convert_process(*args: str) -> subprocess.CompletedProcess:
+    """The real command line, in a fresh process."""
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*CONVERT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    """The command's ``main`` in this process (no second megatron-core import); stderr captured."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", CONVERT[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = module.main(list(args))
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 @pytest.fixture(scope="module")
 def hf_folder(source, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("hf") / "model")
-    result = _convert("--input", source, "--output", out, "--to", "hf")
+    result = _convert_process("--input", source, "--output", out, "--to", "hf")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

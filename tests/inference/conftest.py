@@ -26,7 +26,7 @@ def periodic_documents(count: int, eod: int) -> list:
 
 def _train(run_dir: str, data: str) -> None:
     train(load_config(os.path.join(REPO, "configs/tiny.yaml"), [
-        *TINY, "train.iters=60", f"run.dir={run_dir}", f"data.paths=[{data}]",
+        *TINY, "train.iters=30", f"run.dir={run_dir}", f"data.paths=[{data}]",
         f"data.cache_dir={run_dir}/cache"]))
 
 
@@ -41,6 +41,6 @@ def cycles_dataset(tmp_path_factory) -> str:
 def trained(tmp_path_factory, cycles_dataset):
     folder = tmp_path_factory.mktemp("decoding")
     run_distributed(_train, 1, str(folder / "run"), cycles_dataset)
-    return f"{folder}/run/checkpoints/iter_0000060"
+    return f"{folder}/run/checkpoints/iter_0000030"
 
 

@@ -39,17 +39,21 @@ def test_scores_are_the_training_losses_per_head(trained, cycles_dataset):
         assert scores[f"acc/head_{k + 1}"] > 0.6  # the cycles were learned by every head
 
 
-def test_cli_gives_the_same_line_for_the_hugging_face_conversion(trained, cycles_dataset, tmp_path):
+def test_cli_gives_the_same_line_for_the_hugging_face_conversion(trained, cycles_dataset, tmp_path, capsys):
+    """The command line (in a fresh process) on our checkpoint, ``main`` here on its Hugging Face conversion."""
+    from mtp_megatron.convert import hf
+    from mtp_megatron.evaluate import main
+
     native_line = _run("-m", "mtp_megatron.evaluate", "--checkpoint", trained, "--data", cycles_dataset,
                        "--max-samples", "8")
     assert native_line.returncode == 0, native_line.stderr[-3000:]
-    converted = _run("tools/convert_checkpoint.py", "--input", trained, "--output", str(tmp_path / "hf"), "--to", "hf")
-    assert converted.returncode == 0, converted.stderr[-3000:]
-    hf_line = _run("-m", "mtp_megatron.evaluate", "--checkpoint", str(tmp_path / "hf"), "--data", cycles_dataset,
-                   "--max-samples", "8")
-    assert hf_line.returncode == 0, hf_line.stderr[-3000:]
-    ours, theirs = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (native_line, hf_line))
+    cfg, dense = native.read_checkpoint(trained)
+    hf.write_folder(cfg, dense, str(tmp_path / "hf"))
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp_path / "hf"), "--data", cycles_dataset, "--max-samples", "8"]) == 0
+    ours = json.loads(native_line.stdout.strip().splitlines()[-1])
+    theirs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ours.keys() == theirs.keys() and ours["samples"] == 8
     assert all(abs(ours[k] - theirs[k]) <= 1e-6 * max(1.0, abs(ours[k])) for k in ours)
-    missing = _run("-m", "mtp_megatron.evaluate", "--checkpoint", trained, "--data", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "nothing" in missing.stderr
+    assert main(["--checkpoint", trained, "--data", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err

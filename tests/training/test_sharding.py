@@ -58,7 +58,9 @@ def test_every_sharding_trains_the_same_model_at_dp2(tmp_path):
 
 @pytest.mark.distributed
 def test_every_sharding_trains_the_same_model_at_tp2_dp2(tmp_path):
-    variants = {s: ["parallel.tp=2", f"parallel.sharding={s}"] for s in SHARDINGS}
+    """With TP the gradient norm and DeepSpeed's reductions must count TP-split and replicated parameters right
+    (ZeRO-1 shares ZeRO-2's code path there, and the distributed optimizer runs at TP2 in most other tests)."""
+    variants = {s: ["parallel.tp=2", f"parallel.sharding={s}"] for s in ("none", "zero2", "zero3")}
     _assert_same_losses(run_distributed(train_each, 4, str(tmp_path), variants)[0], "none")
 
 
@@ -156,5 +158,5 @@ def finetune_into_each(tmp: str, shardings: list[str]) -> dict[str, torch.Tensor
 def test_weights_load_into_every_sharding(tmp_path):
     """The same weights with a fresh optimizer train identically under every engine: ZeRO's fp32 master partitions
     must be refreshed from the loaded weights, or the first update would start from the initial ones."""
-    losses = run_distributed(finetune_into_each, 2, str(tmp_path), ["none", "zero1", "zero3"])[0]
+    losses = run_distributed(finetune_into_each, 2, str(tmp_path), ["none", "zero3"])[0]
     _assert_same_losses(losses, "none")
