@@ -245,22 +245,21 @@ class Checkpointer:
         """Save at ``state.step`` into ``path`` (default: the run's ``iter_NNNNNNN``); returns that folder. With
         ``async_save`` it is committed at a later step boundary (``finalize``)."""
         self.finalize(blocking=True)  # at most one save in flight
-        with self._full_parameters():
-            finite = _all_finite(self.module, self.env.device)
-        if not finite:
-            raise CheckpointError(f"step {state.step}: the model has non-finite weights; refusing to save them over "
-                                  "good checkpoints. Restart from the newest checkpoint (checkpoint.resume=auto).")
         start = time.perf_counter()
         in_run = path is None
         final = os.path.join(self.root, store.step_dir_name(state.step)) if in_run else os.path.normpath(path)
         tmp = store.temporary_path(final)
-        if self.env.rank == 0:
-            if os.path.exists(tmp):  # left by a save that died
-                store._remove(tmp)
-            os.makedirs(tmp)
-        dist.barrier()
-
+        # One gather of ZeRO-3's partitioned parameters serves the finiteness check and the save.
         with self._full_parameters():
+            if not _all_finite(self.module, self.env.device):
+                raise CheckpointError(f"step {state.step}: the model has non-finite weights; refusing to save them "
+                                      "over good checkpoints. Restart from the newest checkpoint "
+                                      "(checkpoint.resume=auto).")
+            if self.env.rank == 0:
+                if os.path.exists(tmp):  # left by a save that died
+                    store._remove(tmp)
+                os.makedirs(tmp)
+            dist.barrier()
             sharded = self._sharded_state_dict(is_loading=False, with_optimizer=self.optimizer is not None,
                                                with_rng=True)
             sharded[TRAIN_STATE_KEY] = state.state_dict()

@@ -19,7 +19,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.training import deepspeed_engine
-from mtp_megatron.training.deepspeed_engine import is_deepspeed_engine
 from mtp_megatron.model.heads import STAT_CORRECT, STAT_LOSS_SUM, STAT_TOKENS
 
 
@@ -110,7 +109,7 @@ def run_forward_backward(model_chunks, data_iterator, num_microbatches: int, cfg
 
 
 def train_step(model_chunks, optimizer, scheduler, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
-    if is_deepspeed_engine(model_chunks[0]):
+    if deepspeed_engine.is_deepspeed_engine(model_chunks[0]):
         return _deepspeed_train_step(model_chunks[0], scheduler, data_iterator, num_microbatches, cfg, env)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
@@ -167,7 +166,7 @@ def step_if_finite(optimizer, losses_finite: bool) -> tuple[float | None, str | 
 def eval_step(model_chunks, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
     for chunk in model_chunks:
         chunk.eval()
-    if is_deepspeed_engine(model_chunks[0]):
+    if deepspeed_engine.is_deepspeed_engine(model_chunks[0]):
         losses_reduced = deepspeed_engine.forward_backward(model_chunks[0], data_iterator, num_microbatches,
                                                            forward_only=True)
     else:
