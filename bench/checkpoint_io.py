@@ -24,7 +24,9 @@ state exists, then for ``--repeats`` rounds save once with ``checkpoint.async_sa
 * load: ``Checkpointer.load`` into the same model and optimizer after their weights and Adam moments were
   perturbed; the restored state must equal, bit for bit, a fingerprint taken just before the save (the run fails
   otherwise). Files are read back from the page cache (written seconds before), not from a cold disk;
-* size: the bytes of the committed ``iter_N`` folder.
+* size: the bytes of the committed ``iter_N`` folder;
+* checksums: the part of the sync save spent computing the manifest's CRC-32s (every rank reading back its share
+  of the files), and the part of the load spent verifying them.
 
 Then one more async save runs with a training step beside it: the step's time is compared with a step with no save
 in flight, and the checkpoint, committed at the next boundary, must hold the state at the save, not the step's
@@ -133,6 +135,8 @@ class _Bench:
         self.parts: dict = {}  # time inside the save spent building the sharded state dict (optimizer gather)
         for saver in self.savers.values():
             saver._sharded_state_dict = _timed(saver._sharded_state_dict, self.parts, "state_dict")
+            saver._checksums = _timed(saver._checksums, self.parts, "checksums")  # the manifest's CRC-32s
+            saver.verify = _timed(saver.verify, self.parts, "verify")  # checking them before a load
 
     def step(self) -> float:
         dist.barrier()
@@ -155,6 +159,8 @@ class _Bench:
             path = saver.save(state)
         blocked = time.perf_counter() - start
         result = {"blocked": blocked, "state_dict": self.parts.get("state_dict", 0.0)}
+        if mode == "sync":  # an async save computes them at its commit, below
+            result["checksums"] = self.parts.get("checksums", 0.0)
         if beside is not None:
             result["beside"] = beside()
         with _quiet():
@@ -169,16 +175,18 @@ class _Bench:
     def _load(self, path: str, expected: torch.Tensor) -> dict:
         _perturb(self.trainer)
         dist.barrier()
+        self.parts.pop("verify", None)
         start = time.perf_counter()
         with _quiet():
             state = self.savers["sync"].load(path)
         seconds = time.perf_counter() - start
+        verify = self.parts.get("verify", 0.0)
         restored = bool(torch.equal(_fingerprint(self.trainer), expected)) and state.step == self.saves
         dist.barrier()
         if self.rank == 0:
             shutil.rmtree(path)
         dist.barrier()
-        return {"load": seconds, "restored": restored}
+        return {"load": seconds, "verify": verify, "restored": restored}
 
     def close(self) -> None:
         with _quiet():
@@ -233,9 +241,10 @@ def _summarise(ranks: list, model: str) -> dict:
     r0 = ranks[0][model]
     s = {"params": r0["params"], "threads": r0["threads"], "rounds": rounds, "first_save": r0["first_save"]}
     for mode in ("sync", "async"):
-        for key in ("blocked", "commit", "load", "state_dict"):
+        for key in ("blocked", "commit", "load", "state_dict", "verify"):
             s[f"{mode}_{key}"] = med(mode, key)
         s[f"{mode}_rss"] = median([r0["rounds"][i][mode]["rss_peak"] or 0 for i in range(rounds)])
+    s["sync_checksums"] = med("sync", "checksums")
     s["bytes"] = r0["rounds"][0]["sync"]["bytes"]
     sizes = [r0["rounds"][i][m]["bytes"] for i in range(rounds) for m in ("sync", "async")]
     s["size_spread"] = max(sizes) - min(sizes)
@@ -302,10 +311,13 @@ def main(argv=None) -> int:
     print()
     rows = []
     for (model, ws), s in results.items():
-        rows.append([model, ws, s["threads"], f"{s['sync_state_dict']:.2f}", f"{s['sync_rss'] / MiB:.0f}",
+        rows.append([model, ws, s["threads"], f"{s['sync_state_dict']:.2f}",
+                     f"{s['sync_checksums']:.3f} ({s['sync_checksums'] / s['sync_commit']:.0%})",
+                     f"{s['sync_verify']:.3f} ({s['sync_verify'] / s['sync_load']:.0%})", f"{s['sync_rss'] / MiB:.0f}",
                      f"{s['async_rss'] / MiB:.0f}", f"{s['step_alone'] * 1e3:.0f}", f"{s['step_beside'] * 1e3:.0f}",
                      f"{s['step_beside'] / s['step_alone']:.2f}x", f"{s['overlap_commit']:.2f}"])
-    print(table(["model", "ranks", "threads/rank", "of sync save: state dict s", "peak RSS +MiB sync",
+    print(table(["model", "ranks", "threads/rank", "of sync save: state dict s", "of sync save: checksums s",
+                 "of load: verifying checksums s", "peak RSS +MiB sync",
                  "peak RSS +MiB async", "step ms, no save", "step ms beside async write", "step ratio",
                  "async save + step: committed s"], rows))
     print()

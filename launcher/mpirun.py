@@ -8,6 +8,9 @@ the rendezvous address (``MASTER_ADDR``, else its own host's address) and a free
 the OS gives it) and broadcasts them, and the ranks are mapped onto torchrun's variables (RANK, WORLD_SIZE,
 LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) before ``mtp_megatron.train`` starts. MPI itself only
 carries this handshake; training talks NCCL on GPU and gloo on CPU. The arguments are mtp_megatron.train's.
+
+Without mpi4py, or with an mpi4py that cannot load an MPI library, it exits 2 with one line saying what to install
+(said by MPI rank 0 only, which the MPI launcher's own environment names).
 """
 
 from __future__ import annotations
@@ -27,9 +30,44 @@ def _rendezvous_address() -> tuple[str, int]:
     return address, port
 
 
+INSTALL = "apt-get install libopenmpi-dev openmpi-bin (an MPI library), then pip install mpi4py"
+# Set by the MPI launchers before any MPI call: Open MPI, PMIx, MPICH/Intel MPI (Hydra's PMI).
+_LAUNCHER_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+
+
+class MPIUnavailable(Exception):
+    """mpi4py is missing or cannot load an MPI library."""
+
+
+def import_mpi():
+    """``mpi4py.MPI``, or ``MPIUnavailable`` saying what is missing and how to install it."""
+    try:
+        from mpi4py import MPI
+    except ModuleNotFoundError as error:
+        if error.name not in ("mpi4py", "mpi4py.MPI"):
+            raise
+        raise MPIUnavailable(f"launcher/mpirun.py needs mpi4py, which is not installed. Fix: {INSTALL}") from None
+    # mpi4py 4.x loads the MPI library when MPI is imported: ImportError (libmpi.so.N: cannot open shared object
+    # file) from the extension module, or RuntimeError ("cannot load MPI library" and one line per path tried)
+    # from mpi4py/_mpiabi.py.
+    except (ImportError, RuntimeError) as error:
+        detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise MPIUnavailable(f"mpi4py cannot load an MPI library ({detail}). Fix: {INSTALL}, or set MPI4PY_LIBMPI "
+                             "to the libmpi.so of the MPI that mpirun belongs to") from None
+    return MPI
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 by the MPI launcher's environment (no MPI call works here); true outside any launcher."""
+    for name in _LAUNCHER_RANK_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name] == "0"
+    return True
+
+
 def map_mpi_ranks() -> dict[str, str]:
     """torchrun's environment variables for this MPI process (collective over MPI_COMM_WORLD)."""
-    from mpi4py import MPI
+    MPI = import_mpi()
 
     world = MPI.COMM_WORLD
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
@@ -44,7 +82,12 @@ def map_mpi_ranks() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.update(map_mpi_ranks())
+    try:
+        os.environ.update(map_mpi_ranks())
+    except MPIUnavailable as error:
+        if _is_rank_zero():  # every rank fails alike; say it once
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     from mtp_megatron.train import main as train_main
 
     return train_main(sys.argv[1:] if argv is None else argv)

@@ -8,8 +8,9 @@
 tools/convert_checkpoint.py writes) or Meta's MTP format. The tokenizer is the checkpoint's (``--tokenizer`` overrides). With
 ``--speculative`` heads 2..n draft and one forward verifies (mtp_megatron/inference/decoding.py): the text is
 token for token plain greedy's. ``--compare`` decodes both ways, checks they agree and reports the speedup.
-Printed per prompt: the continuation; at the end one JSON line with tokens per forward, acceptance per draft
-position (heads 2..n) and wall-clock times.
+Printed per prompt: the continuation, up to and including the first EOD (the document ends there; transformers'
+``generate`` on the exported folder stops there too); at the end one JSON line with tokens per forward,
+acceptance per draft position (heads 2..n), wall-clock times and, with ``--print-ids``, each continuation's ids.
 """
 
 from __future__ import annotations
@@ -35,25 +36,41 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"])
+    parser.add_argument("--print-ids", action="store_true", help="add each continuation's token ids to the JSON line")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
+    from mtp_megatron.checkpoint.store import CheckpointError
     from mtp_megatron.convert.formats import read_any
     from mtp_megatron.data.tokenizer import build_tokenizer
     from mtp_megatron.inference.decoder import MTPDecoder
     from mtp_megatron.inference.decoding import greedy, speculative
 
-    cfg, dense, tokenizer_model = read_any(args.checkpoint)
-    tokenizer_model = args.tokenizer or tokenizer_model
-    tokenizer = build_tokenizer("sentencepiece" if tokenizer_model else "byte", tokenizer_model)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
-    with torch.device(args.device):
-        decoder = MTPDecoder(cfg, dense, dtype)
-    texts = [args.prompt] if args.prompt is not None else [
-        line.rstrip("\n") for line in open(args.prompt_file) if line.strip()]
+    try:
+        # Tied Hugging Face embeddings are untied as a copy: the same function, and decoding trains nothing.
+        cfg, dense, tokenizer_model = read_any(args.checkpoint, untie_embeddings=True)
+        tokenizer_model = args.tokenizer or tokenizer_model
+        tokenizer = build_tokenizer("sentencepiece" if tokenizer_model else "byte", tokenizer_model)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
+        with torch.device(args.device):
+            decoder = MTPDecoder(cfg, dense, dtype)
+    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as error:  # each names what is wrong
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     modes = ["greedy", "speculative"] if args.compare else ["speculative" if args.speculative else "greedy"]
+    try:
+        texts = read_prompts(args.prompt, args.prompt_file)
+        prompts = [tokenizer.tokenize(text) for text in texts]
+        drafts = cfg.mtp.n_heads - 1 if "speculative" in modes else 0
+        check_context(prompts, texts, args.max_new_tokens, drafts, cfg.model.seq_length)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     totals = {mode: {"tokens": 0, "forwards": 0, "seconds": 0.0, "accepted": None} for mode in modes}
-    for text in texts:
-        ids = torch.tensor([tokenizer.tokenize(text)], device=args.device)
+    continuations = []
+    for text, prompt in zip(texts, prompts):
+        ids = torch.tensor([prompt], device=args.device)
         outputs = {}
         for mode in modes:
             out, stats = (speculative if mode == "speculative" else greedy)(decoder, ids, args.max_new_tokens)
@@ -68,7 +85,11 @@ def main(argv=None) -> int:
         if args.compare and outputs["greedy"] != outputs["speculative"]:
             print(f"error: speculative output differs from greedy for prompt {text!r}", file=sys.stderr)
             return 1
-        print(text + tokenizer.detokenize(outputs[modes[-1]]), flush=True)
+        continuation = outputs[modes[-1]]
+        if tokenizer.eod in continuation:
+            continuation = continuation[: continuation.index(tokenizer.eod) + 1]
+        continuations.append(continuation)
+        print(text + tokenizer.detokenize(continuation), flush=True)
     report = {}
     for mode, total in totals.items():
         report[f"{mode}/tokens_per_forward"] = total["tokens"] / max(total["forwards"], 1)
@@ -77,8 +98,41 @@ def main(argv=None) -> int:
             report[f"{mode}/acceptance"] = [hit / max(tried, 1) for hit, tried in total["accepted"]]
     if args.compare:
         report["speedup"] = totals["greedy"]["seconds"] / max(totals["speculative"]["seconds"], 1e-9)
+    if args.print_ids:
+        report["ids"] = continuations
     print(json.dumps(report))
     return 0
+
+
+def read_prompts(prompt, prompt_file) -> list[str]:
+    """The prompts: ``--prompt``, or the non-blank lines of ``--prompt-file``; ValueError if there are none."""
+    if prompt is not None:
+        return [prompt]
+    try:
+        with open(prompt_file) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as error:
+        raise ValueError(f"--prompt-file {prompt_file}: {error.strerror}") from None
+    if not texts:
+        raise ValueError(f"--prompt-file {prompt_file} holds no prompt (every line is blank)")
+    return texts
+
+
+def check_context(prompts: list[list[int]], texts: list[str], max_new_tokens: int, drafts: int,
+                  context: int) -> None:
+    """Refuse an empty prompt, and a prompt plus continuation longer than the context the model was trained on
+    (its positions past that were never trained)."""
+    for ids, text in zip(prompts, texts):
+        if not ids:
+            raise ValueError(f"prompt {text!r} is empty: give at least one character to continue")
+        # The last forward sees the prompt, all but the last new token, and (speculative) the drafts after it.
+        needed = len(ids) + max_new_tokens - 1 + drafts
+        if needed > context:
+            room = context - len(ids) + 1 - drafts
+            fix = f"--max-new-tokens {room} or less" if room >= 1 else "a shorter prompt"
+            raise ValueError(f"prompt {text[:40]!r}... of {len(ids)} tokens plus {max_new_tokens} new tokens"
+                             f"{f' and {drafts} drafts' if drafts else ''} needs {needed} positions; the model was "
+                             f"trained on {context} (model.seq_length). Fix: {fix}")
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing's spawned helper re-imports this module

@@ -1,6 +1,7 @@
 """Train an MTP model: ``torchrun --nproc_per_node=N -m mtp_megatron.train --config configs/tiny.yaml [a.b=c ...]``.
 
-The whole flow, top to bottom: config -> parallel state -> model -> checkpoint -> data -> optimizer -> loop.
+The whole flow, top to bottom: config -> parallel state -> run folder -> model and optimizer -> checkpoint ->
+data -> loop.
 
 Restarting the same command resumes from the newest complete checkpoint of ``run.dir`` (``checkpoint.resume``).
 Exit codes:
@@ -9,7 +10,8 @@ Exit codes:
      (``<run.dir>/run_state.json`` says which: ``finished`` or ``stopped``; rerun to continue a stopped run)
   2  bad config or checkpoint, reported before training starts
   3  a non-finite loss or gradient norm under ``train.nan_policy`` (nothing bad was applied or saved)
-  1  anything else (a crash)
+  1  anything else: a crash, a checkpoint that could not be written (a full disk), out of memory; the last two
+     with one ``error:`` line
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from mtp_megatron.config import (
     ConfigError,
     format_config_help,
     load_config,
-    save_resolved_config,
+    validate_for_training,
     validate_for_world,
 )
 
@@ -37,27 +39,30 @@ def train(cfg: Config):
     from mtp_megatron.distributed.parallel import destroy_distributed, init_distributed
     from mtp_megatron.training.loop import fit
     from mtp_megatron.training.metrics import MetricsLogger
+    from mtp_megatron.training.run_folder import claim_run_folder, record_run
     from mtp_megatron.training.setup import setup_model_and_optimizer
     from mtp_megatron.training.stopping import STOP_FILE, StopRequests, clear_stop_file
 
+    validate_for_training(cfg)
     env = init_distributed(cfg.parallel, cfg.train.device, cfg.train.seed)
-    run_dir = cfg.run.dir
-    stop_file = os.path.join(run_dir, STOP_FILE) if env.rank == 0 else None
-    # From here on SIGTERM/SIGUSR1 (or a STOP file) mean "save and stop at the next step boundary", not "die now".
-    with StopRequests(cfg.train.exit_duration_mins, env.device, cfg.train.stop_at_step, stop_file) as stop:
-        try:
-            if env.rank == 0:
-                os.makedirs(run_dir, exist_ok=True)
-                clear_stop_file(stop_file)  # served by the stop that wrote the checkpoint this run resumes from
-                save_resolved_config(cfg, run_dir)
-
+    lock = None
+    try:
+        lock = claim_run_folder(cfg, env.rank)  # one live run per folder; nothing is written into it yet
+        stop_file = os.path.join(cfg.run.dir, STOP_FILE) if env.rank == 0 else None
+        # From here on SIGTERM/SIGUSR1 (or a STOP file) mean "save and stop at the next step boundary", not "die now".
+        with StopRequests(cfg.train.exit_duration_mins, env.device, cfg.train.stop_at_step, stop_file) as stop:
             model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
             checkpointer = Checkpointer(cfg, env, model, optimizer, scheduler)
-            state = checkpointer.restore()  # the newest checkpoint of the run, checkpoint.load, or a fresh start
+            # The newest checkpoint of the run, checkpoint.load, or a fresh start; checked against this config
+            # before this launch writes anything into the run folder (a rejected relaunch leaves it as it was).
+            state = checkpointer.restore()
+            if env.rank == 0:
+                clear_stop_file(stop_file)  # served by the stop that wrote the checkpoint this run resumes from
+            record_run(cfg, model, env.rank)
 
             train_data, valid_data = build_datasets(cfg, env)
 
-            logger = MetricsLogger(cfg, run_dir, env.rank, env.dims.world_size, start_step=state.step)
+            logger = MetricsLogger(cfg, cfg.run.dir, env.rank, env.dims.world_size, start_step=state.step)
             try:
                 history = fit(cfg, env, model, optimizer, scheduler, train_data, valid_data, logger,
                               state=state, checkpointer=checkpointer, stop=stop)
@@ -65,8 +70,10 @@ def train(cfg: Config):
                 return history
             finally:
                 logger.close()
-        finally:
-            destroy_distributed()
+    finally:
+        if lock is not None:
+            lock.release()
+        destroy_distributed()
 
 
 # Known, harmless notices that every rank would print at start (megatron-core 0.16 and torch 2.13): optional
@@ -95,25 +102,55 @@ def main(argv=None) -> int:
     if args.help_config:
         print(format_config_help())
         return 0
-    # Every config error surfaces here, before any process group or model exists.
+    # Every config error surfaces here, before any process group or model exists; every rank finds the same
+    # one, and rank 0 says it.
     try:
         cfg = load_config(args.config, args.overrides)
-        validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        problems = []
+        for check in (lambda: validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
+                      lambda: validate_for_training(cfg)):
+            try:
+                check()
+            except ConfigError as error:
+                problems += error.problems
+        if problems:
+            raise ConfigError.from_problems(problems)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _report(error)
         return 2
-    from mtp_megatron.checkpoint.store import CheckpointError
+    from mtp_megatron.checkpoint.store import CheckpointError, SaveError
     from mtp_megatron.training.loop import NonFiniteStepError
+    from mtp_megatron.training.run_lock import RunLockedError
 
     try:
         train(cfg)
-    except CheckpointError as error:
+    except (ConfigError, CheckpointError, RunLockedError) as error:  # found once the job runs
         _report(error)
         return 2
     except NonFiniteStepError as error:
         _report(error)
         return 3
+    except SaveError as error:  # a fault, not bad input: run_state.json says failed, and Slurm does not requeue
+        _report(error)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        print(f"error: out of memory on rank {os.environ.get('RANK', '0')} ({str(error).strip()[:200]}) with "
+              f"model.seq_length={cfg.model.seq_length}, train.micro_batch_size={cfg.train.micro_batch_size}. Fix: "
+              "lower those, set train.recompute=selective|full, or raise parallel.tp/pp; tools/plan.py estimates "
+              "each stage's memory", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (CPU or GPU): torch raises it as a RuntimeError."""
+    import torch
+
+    text = str(error)
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "CUDA out of memory" in text)
 
 
 def _report(error: Exception) -> None:

@@ -18,7 +18,8 @@
 #   REPO            the repository on a shared file system [the submit directory]
 #   MAX_REQUEUES    requeues after a clean stop before giving up [50]
 #   RDZV_PORT       rendezvous port [20000 + job id mod 20000] (not MASTER_PORT: a stale one in the submitting
-#                   shell's environment would travel with the job)
+#                   shell's environment would travel with the job); the launcher also uses the port above it
+#   RDZV_TIMEOUT    seconds every node waits for the others at start before failing, naming the missing ones [900]
 #
 # Stops and requeues: 10 minutes before the time limit Slurm signals this script (USR1, --signal=B:...); it
 # creates RUN_DIR/STOP, every rank saves a checkpoint at the next step boundary and exits 0, run_state.json says
@@ -38,6 +39,13 @@
 #SBATCH --output=slurm-%x-%j.out
 
 set -euo pipefail
+
+# Outside a job there is no node list, no srun step and no requeue: say so before touching anything.
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  echo "error: slurm/train_13b.sh runs as a Slurm batch job: submit it with sbatch slurm/train_13b.sh" \
+       "(single machine: python launcher/torchrun.py -- --config CONFIG, or torchrun -m mtp_megatron.train)" >&2
+  exit 2
+fi
 
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$REPO"
@@ -77,6 +85,17 @@ done
 state=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["state"])' "$RUN_DIR/run_state.json" \
         2>/dev/null || echo unknown)
 echo "[slurm] training exited with $status, run state: $state"
+if [ "$status" -ne 0 ] && [ "$state" = running ]; then
+  # A rank died without a word (SIGKILL, the OOM killer, a lost node): say so where launchers and people look.
+  python -c 'import json, sys, time
+path, status = sys.argv[1], sys.argv[2]
+record = json.load(open(path))
+record.update(state="failed", time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+              reason=f"the job step ended with status {status} while the run was running (a rank was killed?)")
+json.dump(record, open(path + ".tmp", "w"), indent=1)' "$RUN_DIR/run_state.json" "$status" \
+    && mv "$RUN_DIR/run_state.json.tmp" "$RUN_DIR/run_state.json" && state=failed
+  echo "[slurm] run state set to failed: see the training output above"
+fi
 if [ "$status" -eq 0 ] && [ "$state" = stopped ]; then
   if [ "$RESTARTS" -lt "$MAX_REQUEUES" ]; then
     echo "[slurm] requeueing job $SLURM_JOB_ID to resume from the newest checkpoint"

@@ -14,6 +14,7 @@ nodes x gpus-per-node GPUs).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from typing import List, Optional
@@ -59,6 +60,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.gpu_memory_gb <= 0 or not 0 <= args.reserve < 1 or not 0 < args.mfu <= 1 or args.peak_tflops <= 0:
         parser.error("need --gpu-memory-gb > 0, 0 <= --reserve < 1, 0 < --mfu <= 1 and --peak-tflops > 0")
+    if args.tokens is not None and not (args.tokens > 0 and math.isfinite(args.tokens)):
+        parser.error(f"--tokens must be a positive number of training tokens (e.g. 2e11), got {args.tokens:g}")
     return args
 
 

@@ -46,5 +46,5 @@ fi
 echo "== 3/3 train configs/tiny.yaml (n=4 heads) on TP=2 x PP=2, $NPROC CPU processes, $ITERS steps"
 torchrun --nproc_per_node="$NPROC" -m mtp_megatron.train --config configs/tiny.yaml \
   parallel.tp=2 parallel.pp=2 run.dir="$RUN_DIR" run.name=quickstart \
-  tokenizer.model="$TOKENIZER.model" data.paths="[${DATA}_text_document]" \
+  tokenizer.model="$TOKENIZER.model" data.synthetic=false data.paths="[${DATA}_text_document]" \
   train.iters="$ITERS" train.eval_interval=50 train.eval_iters=4 logging.log_interval=10 "$@"

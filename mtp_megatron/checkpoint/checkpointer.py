@@ -20,8 +20,9 @@ Folder handling (temporary name, commit, ``latest``, pruning) is in checkpoint/s
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
 import os
+import shutil
 import random
 import time
 import warnings
@@ -37,12 +38,15 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from mtp_megatron.checkpoint import store
+from mtp_megatron.checkpoint.helper_processes import bind_helper_processes_to_this_rank
 from mtp_megatron.checkpoint.store import CheckpointError
 from mtp_megatron.config import Config, config_to_dict
-from mtp_megatron.data.tokenizer import resolve_tokenizer_type
+from mtp_megatron.data.tokenizer import tokenizer_identity as data_tokenizer_identity
 from mtp_megatron.distributed.parallel import ParallelEnv
+from mtp_megatron.model.builder import sync_parameters
 from mtp_megatron.training.deepspeed_engine import is_deepspeed_engine
 from mtp_megatron.training.state import TrainState
 
@@ -55,20 +59,23 @@ _SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chain
 
 # Model fields that fix the tensors' shapes: a checkpoint loads only into a model that agrees on all of them.
 _SHAPE_FIELDS = {
-    "model": ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "model": ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim", "ffn_hidden_size",
               "normalization", "activation", "position_embedding", "add_bias_linear"],
     "mtp": ["n_heads", "match_params"],
 }
 
 
+# What decides which samples a run reads, in which order: a resumed run that changes one reads other data.
+_DATA_FIELDS = {
+    "data": ["paths", "synthetic", "split", "reset_attention_mask", "reset_position_ids", "eod_mask_loss"],
+    "model": ["seq_length"],
+    "train": ["seed", "global_batch_size"],
+}
+
+
 def tokenizer_identity(cfg: Config) -> dict:
-    """What identifies the tokenizer a model was trained with: its type and the model file's content hash."""
-    kind = resolve_tokenizer_type(cfg.tokenizer.type, cfg.tokenizer.model)
-    identity = {"type": kind, "sha256": None}
-    if kind == "sentencepiece":
-        with open(cfg.tokenizer.model, "rb") as f:
-            identity["sha256"] = hashlib.sha256(f.read()).hexdigest()
-    return identity
+    """The identity of the run's tokenizer (type, model hash: data/tokenizer.py)."""
+    return data_tokenizer_identity(cfg.tokenizer.type, cfg.tokenizer.model)
 
 
 def _layout(env: ParallelEnv) -> dict:
@@ -157,6 +164,25 @@ def _keep_adam_step_on_load(optimizer):
                     state["step"] = state["step"].clone()
 
 
+def _disk_full(error: BaseException, folder: str) -> bool:
+    """Whether ``error`` (or what caused it) is a full disk: ENOSPC, or torch's zip writer failing (its message
+    hides the errno: "unexpected pos") while the file system has (almost) no space left."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    parent = folder
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        return shutil.disk_usage(parent or ".").free < 16 * 2**20
+    except OSError:
+        return False
+
+
 def _all_finite(model, device) -> bool:
     """Collective: whether every parameter on every rank is finite."""
     bad = torch.zeros(1, device=device)
@@ -199,6 +225,7 @@ class Checkpointer:
         self.deepspeed = is_deepspeed_engine(model)
         self.module = model.module if self.deepspeed else unwrap_model(model)  # the bare MTPGPTModel
         self.root = os.path.join(cfg.run.dir, "checkpoints")
+        bind_helper_processes_to_this_rank()  # megatron-core's writer helpers must not outlive a killed rank
         self._async_queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         self._pending: Optional[str] = None  # the async save not yet committed
         self.last_committed: Optional[str] = None  # the newest complete checkpoint this run wrote or started from
@@ -245,6 +272,7 @@ class Checkpointer:
         """Save at ``state.step`` into ``path`` (default: the run's ``iter_NNNNNNN``); returns that folder. With
         ``async_save`` it is committed at a later step boundary (``finalize``)."""
         self.finalize(blocking=True)  # at most one save in flight
+        sync_parameters(self.model)  # overlap_param_gather: the other DP shards' weights are this step's only now
         start = time.perf_counter()
         in_run = path is None
         final = os.path.join(self.root, store.step_dir_name(state.step)) if in_run else os.path.normpath(path)
@@ -270,13 +298,16 @@ class Checkpointer:
             strategy = FullyParallelSaveStrategyWrapper(
                 get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True)
             )
-            request = dist_checkpointing.save(sharded, tmp, strategy,
-                                              async_sharded_save=self._async_queue is not None)
-        if self.deepspeed and self.optimizer is not None:
-            self.model.save_checkpoint(tmp, tag=DEEPSPEED_TAG, save_latest=False)
+            with self._reporting_write_errors(tmp, state.step):
+                request = dist_checkpointing.save(sharded, tmp, strategy,
+                                                  async_sharded_save=self._async_queue is not None)
+        with self._reporting_write_errors(tmp, state.step):
+            if self.deepspeed and self.optimizer is not None:
+                self.model.save_checkpoint(tmp, tag=DEEPSPEED_TAG, save_latest=False)
         commit = self._commit_fn(tmp, final, state.step, start, in_run)
         if request is None:
-            commit()
+            with self._reporting_write_errors(tmp, state.step):
+                commit()
         else:
             request.add_finalize_fn(commit)
             self._async_queue.schedule_async_request(request)
@@ -285,18 +316,67 @@ class Checkpointer:
                            "background")
         return final
 
+    @contextlib.contextmanager
+    def _reporting_write_errors(self, tmp: str, step: int):
+        """A failed write (a full disk above all) becomes one SaveError that says where, why and what is safe."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        # torch, megatron-core and DeepSpeed raise many kinds (torch.distributed.checkpoint's CheckpointException
+        # is a BaseException); keep the cause chained.
+        except (Exception, TorchCheckpointException) as error:
+            if _disk_full(error, tmp):
+                what = f"no space left on device at {os.path.dirname(tmp)}"
+            else:
+                what = f"writing {tmp} failed ({type(error).__name__}: {str(error).strip()[:300]})"
+            newest = self.last_committed or store.read_latest(self.root)
+            if self.env.rank == 0:
+                store._remove(tmp)  # this save's own partial files: never a checkpoint, and they fill the disk
+            raise store.SaveError(
+                f"step {step}: {what}; this checkpoint was not saved (its partial files were removed). The last "
+                f"complete checkpoint is {newest or 'none: nothing was saved yet'}. Fix: free space (or set "
+                "checkpoint.keep), then rerun the same command to resume from it.") from error
+
     def _commit_fn(self, tmp: str, final: str, step: int, start: float, in_run: bool):
         def commit():
+            checksums = self._checksums(tmp)  # collective: every rank reads back its share of the files
             if self.env.rank == 0:
                 store.write_manifest(tmp, step, {"layout": _layout(self.env),
-                                                 "engine": "deepspeed" if self.deepspeed else "megatron"})
-                store.commit(tmp, final, update_latest=in_run)
+                                                 "engine": "deepspeed" if self.deepspeed else "megatron"},
+                                     checksums)
+                moved = store.commit(tmp, final, update_latest=in_run)
+                if moved:
+                    self._announce(f"an earlier {os.path.basename(final)} (another line of this run) was moved to "
+                                   f"{moved}")
                 for folder in store.prune(self.root, self.cfg.checkpoint.keep) if in_run else []:
                     self._announce(f"deleted {folder} (checkpoint.keep={self.cfg.checkpoint.keep})")
                 self._announce(f"saved {final} in {time.perf_counter() - start:.2f} s")
             dist.barrier()
             self._pending, self.last_committed = None, final
         return commit
+
+    def _checksums(self, folder: str) -> dict:
+        """Collective: the CRC-32 of every file of ``folder``, each rank reading every world_size-th file."""
+        names = store.list_files(folder) if self.env.rank == 0 else None
+        shared = [names]
+        dist.broadcast_object_list(shared, src=0)
+        mine = {name: store.file_crc32(os.path.join(folder, name))
+                for name in store.share(shared[0], self.env.rank, self.env.dims.world_size)}
+        gathered = [None] * self.env.dims.world_size
+        dist.all_gather_object(gathered, mine)
+        return {name: crc for part in gathered for name, crc in part.items()}
+
+    def verify(self, folder: str) -> list[str]:
+        """Collective: what is missing or damaged in checkpoint ``folder`` (sizes and checksums, each rank
+        reading every world_size-th file), the same list on every rank; empty when it is intact."""
+        names = store.manifest_names(folder)
+        mine = store.problems(folder, store.share(names, self.env.rank, self.env.dims.world_size), checksums=True)
+        if not names:  # no readable manifest: every rank finds the same reason
+            mine = store.problems(folder) if self.env.rank == 0 else []
+        gathered = [None] * self.env.dims.world_size
+        dist.all_gather_object(gathered, mine)
+        return [problem for part in gathered for problem in part]
 
     def finalize(self, blocking: bool = False) -> None:
         """Commit a finished background save (all ranks must call this at the same points)."""
@@ -311,33 +391,98 @@ class Checkpointer:
     # -- restoring --------------------------------------------------------------------------------------------
 
     def source(self) -> tuple[Optional[str], bool]:
-        """(checkpoint to start from or None, whether to take its weights only), agreed on by all ranks."""
-        ckpt = self.cfg.checkpoint
-        choice = [None, False]
-        if self.env.rank == 0:
-            for stale in store.stale_temporaries(self.root):
-                warnings.warn(f"ignoring {stale}: a save that did not finish; deleting it")
-                store._remove(stale)
-            own = store.newest_complete(self.root)
-            if ckpt.resume == "never" and store.committed(self.root):
-                choice = [CheckpointError(
-                    f"{self.root} already holds checkpoints and checkpoint.resume=never. Fix: use a new run.dir, "
-                    "or checkpoint.resume=auto to continue that run."), False]
-            elif ckpt.resume == "auto" and own is not None:
-                choice = [own, False]
-            elif ckpt.load:
-                choice = [ckpt.load, ckpt.finetune]
-        dist.broadcast_object_list(choice, src=0)
-        if isinstance(choice[0], CheckpointError):
-            raise choice[0]
-        return choice[0], choice[1]
+        """(checkpoint to start from or None, whether to take its weights only), agreed on by all ranks.
+
+        The run's own checkpoints come first: ``latest``, then older ones, each verified (sizes and checksums), a
+        damaged one skipped with a warning naming the file. ``checkpoint.load`` naming one of them rolls the run
+        back to it; naming another folder starts a run whose folder has no checkpoints yet. A folder that holds
+        checkpoints of which none is usable is refused, naming each and why.
+        """
+        plan = [self._plan() if self.env.rank == 0 else None]
+        dist.broadcast_object_list(plan, src=0)
+        plan = plan[0]
+        if isinstance(plan, CheckpointError):
+            raise plan
+        for note in plan["notes"]:
+            self._announce(note)
+        rejected = []
+        for candidate in plan["candidates"]:
+            found = self.verify(candidate)
+            if not found:
+                break
+            rejected.append((candidate, found))
+            if plan["explicit"]:
+                raise CheckpointError(store.damaged_message(candidate, found))
+            if self.env.rank == 0:
+                warnings.warn(f"skipping checkpoint {candidate}: {'; '.join(found)}; trying the one before it")
+        else:
+            if rejected:
+                listing = "\n".join(f"  - {path}: {'; '.join(found)}" for path, found in rejected)
+                raise CheckpointError(
+                    f"{self.root} holds checkpoints, and none of them can be loaded:\n{listing}\nNothing was "
+                    "changed. Fix: repair them or move them out of checkpoints/, point checkpoint.load at a good "
+                    "checkpoint elsewhere, or start over in a new run.dir.")
+            return None, False
+        if plan["abandoned"] is not None and self.env.rank == 0:
+            moved = store.roll_back(self.root, candidate, plan["abandoned"])
+            self._announce(f"rolled back to {candidate}" + (f"; the later checkpoints {', '.join(moved)} are kept "
+                                                            "there, out of the way" if moved else ""))
+        dist.barrier()
+        return candidate, plan["weights_only"]
+
+    def _plan(self):
+        """Rank 0: which checkpoints to try, in order (see ``source``), or the CheckpointError to raise."""
+        ckpt, root = self.cfg.checkpoint, self.root
+        for stale in store.stale_temporaries(root):  # our own saves that died (one live run per folder)
+            warnings.warn(f"ignoring {stale}: a save that did not finish; deleting it")
+            store._remove(stale)
+        own = store.committed(root)
+        plan = {"candidates": [], "weights_only": False, "explicit": False, "abandoned": None, "notes": []}
+        if ckpt.resume == "never" and own:
+            return CheckpointError(f"{root} already holds checkpoints and checkpoint.resume=never. Fix: use a new "
+                                   "run.dir, or checkpoint.resume=auto to continue that run.")
+        load = os.path.realpath(ckpt.load) if ckpt.load else None
+        line, abandoned = store.resume_line(root)
+        if load is not None and os.path.dirname(load) == os.path.realpath(root):
+            target = os.path.join(root, os.path.basename(load))
+            if ckpt.finetune:
+                return CheckpointError(f"checkpoint.load={ckpt.load} is a checkpoint of this run.dir, and "
+                                       "checkpoint.finetune=true would start a new run in the same folder. Fix: "
+                                       "use a new run.dir for the fine-tuned run.")
+            done = store.rollback_done(root, target)
+            latest = store.read_latest(root)
+            if done and latest and (store.step_of(latest) or 0) > (store.step_of(target) or 0):
+                plan["notes"].append(f"checkpoint.load={ckpt.load}: this rollback was done at {done['time']}; "
+                                     f"continuing the run from {latest} (drop checkpoint.load from the command to "
+                                     "silence this)")
+                plan["candidates"] = line
+                return plan
+            plan.update(candidates=[target], explicit=True,
+                        abandoned=[f for f in own if (store.step_of(f) or 0) > (store.step_of(target) or 0)])
+            plan["notes"].append(f"checkpoint.load={ckpt.load} names a checkpoint of this run: rolling the run "
+                                 "back to it")
+            return plan
+        if own:
+            plan["candidates"] = line
+            if abandoned:
+                plan["abandoned"] = abandoned
+                plan["notes"].append(f"{os.path.join(root, store.LATEST)} names {line[0]}, older than "
+                                     f"{', '.join(abandoned)}: rolling the run back to it")
+            if load is not None:
+                plan["notes"].append(f"checkpoint.load={ckpt.load} is not used: {root} has checkpoints of its own, "
+                                     "which the run continues from (checkpoint.load starts a run whose folder has "
+                                     "none; for a new run from it, use a new run.dir)")
+            return plan
+        if load is not None:
+            plan.update(candidates=[load], weights_only=ckpt.finetune, explicit=True)
+        return plan
 
     def restore(self) -> TrainState:
         """Load the state this run starts from (see ``source``); a fresh TrainState when there is none."""
         path, weights_only = self.source()
         if path is None:
             return TrainState()
-        return self.load(path, weights_only=weights_only)
+        return self.load(path, weights_only=weights_only, verified=True)
 
     def _check(self, path: str, meta: dict, weights_only: bool) -> None:
         cfg = self.cfg
@@ -372,14 +517,17 @@ class Checkpointer:
                 "resume at that layout, or checkpoint.finetune=true to take its (reshardable) weights with a fresh "
                 "optimizer.")
 
-    def load(self, path: str, weights_only: bool = False) -> TrainState:
-        """Collective: fill the model (and unless ``weights_only``, optimizer, schedule, RNG) from ``path``."""
+    def load(self, path: str, weights_only: bool = False, verified: bool = False) -> TrainState:
+        """Collective: fill the model (and unless ``weights_only``, optimizer, schedule, RNG) from ``path``, after
+        checking its files against the manifest unless the caller has (``verified``)."""
         path = os.path.normpath(path)
         self.last_committed = path
         if not dist_checkpointing.check_is_distributed_checkpoint(path):
             raise CheckpointError(f"{path} is not a distributed checkpoint (no metadata.json). Fix: point "
                                   "checkpoint.load at a folder this trainer wrote (<run.dir>/checkpoints/iter_NNNNNNN).")
-        store.verify(path)
+        found = [] if verified else self.verify(path)
+        if found:
+            raise CheckpointError(store.damaged_message(path, found))
         meta = read_meta(path)
         self._check(path, meta, weights_only)
         same_layout = meta["layout"] == _layout(self.env)
@@ -406,6 +554,7 @@ class Checkpointer:
             with _keep_adam_step_on_load(self.optimizer):
                 self.optimizer.load_state_dict(loaded["optimizer"])
         self._restore_schedule(loaded["scheduler"])
+        self._report_data_changes(meta["config"])
         if same_layout:
             _set_rng_state(loaded["rng_state"])
         state = TrainState.from_state_dict(loaded[TRAIN_STATE_KEY])
@@ -432,6 +581,18 @@ class Checkpointer:
         if changed:
             self._announce("LR schedule differs from the checkpoint's (this run's config wins): " + ", ".join(changed))
         self.scheduler.step(increment=saved["num_steps"] - self.scheduler.num_steps)
+
+    def _report_data_changes(self, saved_config: dict) -> None:
+        """Say when the data a resumed run reads is not the checkpoint run's: the run continues at the saved sample
+        count, but in another sample sequence."""
+        now = config_to_dict(self.cfg)
+        changed = [f"{section}.{name}: {saved_config.get(section, {}).get(name)!r} -> {now[section][name]!r}"
+                   for section, names in _DATA_FIELDS.items() for name in names
+                   if saved_config.get(section, {}).get(name, now[section][name]) != now[section][name]]
+        if changed:
+            self._announce("the data differs from the checkpoint's (" + "; ".join(changed) + "): the run continues "
+                           "at the checkpoint's sample count in this run's data, not where the checkpoint's "
+                           "data left off")
 
     def _announce(self, message: str) -> None:
         if self.env.rank == 0:

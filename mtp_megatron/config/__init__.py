@@ -17,7 +17,7 @@ from mtp_megatron.config.schema import (
     describe_fields,
     format_config_help,
 )
-from mtp_megatron.config.validate import validate, validate_for_world
+from mtp_megatron.config.validate import validate, validate_for_training, validate_for_world
 
 __all__ = [
     "CheckpointConfig",
@@ -39,5 +39,6 @@ __all__ = [
     "load_config",
     "save_resolved_config",
     "validate",
+    "validate_for_training",
     "validate_for_world",
 ]

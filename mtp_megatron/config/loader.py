@@ -79,8 +79,16 @@ def save_resolved_config(cfg: Config, run_dir: str) -> str:
 
 
 def _read_yaml(path: str) -> Dict[str, Dict[str, Any]]:
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}. Fix: give an existing YAML file, e.g. configs/tiny.yaml")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: not valid YAML ({problem}). Fix: correct the file at that line and column")
     if data is None:  # an empty file means "all defaults"
         return {}
     if not isinstance(data, dict):

@@ -33,6 +33,11 @@ class ModelConfig:
     """Key/value heads for grouped-query attention (GQA). None = multi-head attention (one group per head). Must
     divide ``num_attention_heads`` and be a multiple of ``parallel.tp``."""
 
+    head_dim: Optional[int] = None
+    """Width of each attention head (query, key and value), megatron's ``kv_channels``. None = hidden_size /
+    num_attention_heads. Another value makes the attention's inner width num_attention_heads * head_dim differ
+    from hidden_size (as in Hugging Face Llama configs with an explicit ``head_dim``)."""
+
     ffn_hidden_size: Optional[int] = None
     """Width of the MLP's inner layer. None = 4*hidden for gelu, or for swiglu the Llama rule int(8*hidden/3)
     rounded up to a multiple of 256 (4096 -> 11008). Must be a multiple of ``parallel.tp``."""
@@ -58,8 +63,19 @@ class ModelConfig:
     position_embedding: Literal["rope", "learned_absolute"] = "rope"
     """Position encoding: rotary (Llama) or a learned absolute table of ``seq_length`` rows."""
 
-    rotary_base: int = 10000
-    """RoPE base (theta). 10000 as in Llama-2; raise it for long-context training."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta), any positive number (500000.0 in Llama 3). 10000 as in Llama-2; raise it for
+    long-context training."""
+
+    rope_scaling_type: Optional[Literal["linear", "llama3"]] = None
+    """RoPE scaling for contexts longer than the model was pretrained on, as megatron-core implements it. None =
+    plain RoPE; linear = positions divided by ``rope_scaling_factor`` (position interpolation; megatron's
+    ``seq_len_interpolation_factor``, Hugging Face's rope_type linear); llama3 = Llama 3.1's frequency-dependent
+    scaling by ``rope_scaling_factor`` with megatron-core's fixed low_freq_factor 1, high_freq_factor 4 and
+    original_max_position_embeddings 8192 (Hugging Face's rope_type llama3 with those values)."""
+
+    rope_scaling_factor: float = 1.0
+    """The RoPE scaling factor of ``rope_scaling_type`` (>= 1; 8 in Llama 3.1). Unused without a scaling type."""
 
     norm_epsilon: float = 1e-5
     """Epsilon added inside the norms for numerical stability."""
@@ -88,6 +104,10 @@ class ModelConfig:
             # Llama keeps swiglu's parameter count near a 4*h MLP: 2/3 of 4*h, rounded up to a multiple of 256.
             return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
         return 4 * self.hidden_size
+
+    def resolved_head_dim(self) -> int:
+        """The attention head width actually used: ``head_dim``, or hidden_size / num_attention_heads."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary rows after Megatron's padding: the next multiple of ``make_vocab_size_divisible_by * tp``.
@@ -217,8 +237,11 @@ class DataConfig:
     paths: List[str] = field(default_factory=list)
     """Indexed-dataset prefixes (the path without .bin/.idx, e.g. /d/code_text_document), optionally weighted as
     Megatron's blends: [0.7, /d/a_text_document, 0.3, /d/b_text_document] (weights are normalised; without
-    weights, datasets are mixed in proportion to their token counts). Empty = synthetic tokens from
-    megatron-core's mock GPT dataset."""
+    weights, datasets are mixed in proportion to their token counts). Required unless ``synthetic``."""
+
+    synthetic: bool = False
+    """Train on synthetic tokens from megatron-core's mock GPT dataset instead of ``paths`` (smoke tests and
+    benchmarks; configs/tiny.yaml sets it). Never implied: a config without data is an error."""
 
     split: str = "969,30,1"
     """Train, validation, test proportions of each dataset's documents, comma separated (Megatron's format)."""

@@ -47,6 +47,15 @@ def validate_for_world(cfg: Config, world_size: int) -> "ParallelDims":
     return dims
 
 
+def validate_for_training(cfg: Config) -> None:
+    """What only a training launch needs, beyond ``validate`` (the planner, the converters and checkpoint readers
+    need no data): training data, or an explicit ``data.synthetic``. Raises ``ConfigError``."""
+    if not cfg.data.paths and not cfg.data.synthetic:
+        raise ConfigError.from_problems([
+            "data.paths: no training data is configured. Fix: set data.paths=[PREFIX, ...] (datasets written by "
+            "tools/preprocess_data.py), or data.synthetic=true to train on synthetic tokens (smoke tests)"])
+
+
 class _Problems(list):
     """Collects problems as ``field: problem. Fix: ...``; ``bad`` names the fields already reported invalid, so
     checks that divide by them are skipped instead of crashing or piling up follow-on noise."""
@@ -93,6 +102,9 @@ def _check_sizes(cfg: Config, out: _Problems) -> None:
     if m.num_query_groups is not None and m.num_query_groups < 1:
         out.add("model.num_query_groups", f"must be >= 1 or null, got {m.num_query_groups}", "use null for MHA")
         out.bad.add("model.num_query_groups")
+    if m.head_dim is not None and m.head_dim < 1:
+        out.add("model.head_dim", f"must be >= 1 or null, got {m.head_dim}", "use null for hidden_size / heads")
+        out.bad.add("model.head_dim")
     ffn = m.resolved_ffn_hidden_size()
     if ffn < 1:
         out.add("model.ffn_hidden_size", f"must be >= 1, got {ffn}", "use a positive value or null")
@@ -143,6 +155,13 @@ def _check_shapes(cfg: Config, out: _Problems) -> None:
         out.add("model.norm_epsilon", f"must be > 0, got {m.norm_epsilon}", "use 1e-5")
     if not m.init_method_std > 0:
         out.add("model.init_method_std", f"must be > 0, got {m.init_method_std}", "use 0.02")
+    if m.rope_scaling_type is not None:
+        if m.position_embedding != "rope":
+            out.add("model.rope_scaling_type", f"{m.rope_scaling_type!r} needs position_embedding=rope, got "
+                    f"{m.position_embedding!r}", "set model.rope_scaling_type=null or model.position_embedding=rope")
+        if not m.rope_scaling_factor >= 1.0:
+            out.add("model.rope_scaling_factor", f"must be >= 1 with rope_scaling_type={m.rope_scaling_type}, got "
+                    f"{m.rope_scaling_factor}", "use the factor the model was scaled by (e.g. 8.0)")
 
 
 def _check_trunk_and_heads(cfg: Config, out: _Problems) -> None:
@@ -325,6 +344,10 @@ def _check_data(cfg: Config, out: _Problems) -> None:
         out.add("data.reset_attention_mask",
                 "needs an explicit attention mask, which Transformer Engine's causal attention ignores",
                 "set model.transformer_impl=local (or auto, which then picks local)")
+    if data.paths and data.synthetic:
+        out.add("data.synthetic", f"is true, but data.paths is set too ({data.paths})",
+                "set data.synthetic=false to train on data.paths (configs/tiny.yaml sets synthetic: true), or drop "
+                "data.paths")
     if data.num_workers < 0:
         out.add("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}", "use 0 to load in-process")
     if not _valid_split(cfg.data.split):

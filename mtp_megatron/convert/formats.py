@@ -17,18 +17,23 @@ def detect_format(path: str) -> str:
                      "params.json (Meta). Fix: point at the checkpoint folder itself, or name the format")
 
 
-def read_any(path: str, source: Optional[str] = None, n_heads: Optional[int] = None, seq_length: int = 4096):
-    """(our config, dense state dict, tokenizer .model path or None) of the checkpoint at ``path``."""
+def read_any(path: str, source: Optional[str] = None, n_heads: Optional[int] = None, seq_length: int = 4096,
+             untie_embeddings: bool = False):
+    """(our config, dense state dict, tokenizer .model path or None) of the checkpoint at ``path``. A Hugging Face
+    Llama with tied embeddings is refused unless ``untie_embeddings`` (convert/hf.py ``read_llama``)."""
     from mtp_megatron.convert import hf, meta, native
 
     source = source or detect_format(path)
+    if n_heads is not None and source != "hf":
+        raise ValueError(f"--n-heads {n_heads}: {'our' if source == 'megatron' else 'Meta'} checkpoints record "
+                         "their heads, and the converter keeps them. Fix: drop --n-heads (it sets the heads of a "
+                         "Hugging Face Llama's conversion)")
     if source == "megatron":
         cfg, dense = native.read_checkpoint(path)
         tokenizer = cfg.tokenizer.model
     elif source == "hf":
-        llama, heads, hf_config, heads_meta = hf.read_folder(path)
-        cfg = hf.config_for_folder(hf_config, heads_meta, n_heads)
-        dense, tokenizer = hf.from_llama(cfg, llama, heads), os.path.join(path, "tokenizer.model")
+        cfg, dense = hf.read_llama(path, n_heads, untie_embeddings)
+        tokenizer = os.path.join(path, "tokenizer.model")
     else:
         cfg, dense = meta.read_meta_folder(path, seq_length)
         tokenizer = os.path.join(path, "tokenizer.model")

@@ -3,18 +3,23 @@
 The Llama model is the trunk with head 1 as its last decoder layer, the shared final norm as ``model.norm`` and
 the unembedding as ``lm_head``: exactly our next-token path, so ``transformers`` loads it with no custom code and
 gives our head-1 logits. The vocabulary keeps our padded rows (``vocab_size`` = the padded size), so nothing is
-lost on the way back. Heads 2..n go to ``mtp_heads.safetensors`` under Llama's layer names:
+lost on the way back; generation_config.json suppresses them, so transformers' ``generate`` predicts what our
+decoder does. config.json says everything the model computes (head_dim, biases, RoPE theta and scaling) and the
+tokenizer's special ids; what a Llama config can say and ours cannot is refused on import (convert/hf_config.py).
+The tokenizer goes along as files ``AutoTokenizer`` loads (convert/hf_tokenizer.py). Heads 2..n go to
+``mtp_heads.safetensors`` under Llama's layer names:
 
     ours: mtp_heads.layers.{k}.<megatron layer keys>      (k = 1 .. n-1)
     file: heads.{k}.<LlamaDecoderLayer keys>               (input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight,
                                                             post_attention_layernorm.weight,
-                                                            mlp.{gate,up,down}_proj.weight)
+                                                            mlp.{gate,up,down}_proj.weight, and their .bias with
+                                                            add_bias_linear)
 
-and ``mtp_heads.json`` records n, the trunk depth and our full config. ``mtp_megatron.convert.hf_heads`` runs
-all n heads on top of the ``transformers`` model. Megatron's fused tensors are split the Llama way: ``linear_qkv``
-holds, per key/value group, that group's query heads, then its key head, then its value head; ``linear_fc1`` is
-[gate; up]. Both use rotate-half rotary embeddings, so no permutation is needed (Meta's original layout needs one:
-convert/meta.py).
+and ``mtp_heads.json`` records n, the trunk depth, the real and padded vocabulary sizes and our full config.
+``mtp_megatron.convert.hf_heads`` runs all n heads on top of the ``transformers`` model. Megatron's fused tensors
+are split the Llama way, weights and biases alike: ``linear_qkv`` holds, per key/value group, that group's query
+heads, then its key head, then its value head; ``linear_fc1`` is [gate; up]. Both use rotate-half rotary
+embeddings, so no permutation is needed (Meta's original layout needs one: convert/meta.py).
 """
 
 from __future__ import annotations
@@ -27,73 +32,57 @@ from typing import Optional
 import torch
 
 from mtp_megatron.config import Config, config_from_dict, config_to_dict
+from mtp_megatron.convert.hf_config import config_for_llama, llama_config, llama_problems  # noqa: F401 (re-export)
 
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_heads.json"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
-def llama_problems(cfg: Config) -> list[str]:
-    """The fields that keep this model from being a Llama (the only Hugging Face architecture exported)."""
-    m = cfg.model
-    required = {"normalization": "RMSNorm", "activation": "swiglu", "position_embedding": "rope",
-                "add_bias_linear": False}
-    return [f"model.{name}={getattr(m, name)!r} (Llama needs {value!r})" for name, value in required.items()
-            if getattr(m, name) != value]
-
-
-def llama_config(cfg: Config, vocab_rows: int, dtype: torch.dtype):
-    from transformers import LlamaConfig
-
-    m = cfg.model
-    return LlamaConfig(
-        vocab_size=vocab_rows,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.resolved_ffn_hidden_size(),
-        num_hidden_layers=cfg.trunk_num_layers() + 1,
-        num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
-        max_position_embeddings=m.seq_length,
-        rms_norm_eps=m.norm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        dtype=dtype,
-    )
-
-
 # -- one transformer layer ----------------------------------------------------------------------------------------
 
-def _qkv_split(cfg: Config, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv_sizes(cfg: Config) -> tuple[int, int, int]:
     m = cfg.model
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    d = m.hidden_size // heads
-    per_group = qkv.view(groups, (heads // groups + 2) * d, m.hidden_size)
+    return m.num_attention_heads, m.num_query_groups or m.num_attention_heads, m.resolved_head_dim()
+
+
+def _qkv_split(cfg: Config, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's fused ``linear_qkv`` weight [rows, hidden] or bias [rows] as Llama's q, k, v."""
+    heads, groups, d = _qkv_sizes(cfg)
+    rest = qkv.shape[1:]
+    per_group = qkv.reshape(groups, (heads // groups + 2) * d, *rest)
     q, k, v = per_group.split([heads // groups * d, d, d], dim=1)
-    return (q.reshape(heads * d, -1), k.reshape(groups * d, -1), v.reshape(groups * d, -1))
+    return q.reshape(heads * d, *rest), k.reshape(groups * d, *rest), v.reshape(groups * d, *rest)
 
 
 def _qkv_merge(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    m = cfg.model
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    d = m.hidden_size // heads
-    grouped = [q.reshape(groups, heads // groups * d, -1), k.reshape(groups, d, -1), v.reshape(groups, d, -1)]
-    return torch.cat(grouped, dim=1).reshape((heads + 2 * groups) * d, -1)
+    """Llama's q, k, v weights (or biases) as megatron's fused ``linear_qkv``: per group its queries, key, value."""
+    heads, groups, d = _qkv_sizes(cfg)
+    rest = q.shape[1:]
+    grouped = [q.reshape(groups, heads // groups * d, *rest), k.reshape(groups, d, *rest),
+               v.reshape(groups, d, *rest)]
+    return torch.cat(grouped, dim=1).reshape((heads + 2 * groups) * d, *rest)
+
+
+def _fused_to_llama(cfg: Config, ours: dict, prefix: str, kind: str) -> dict:
+    """The ``kind`` ("weight" or "bias") tensors of one of our layers under LlamaDecoderLayer names."""
+    q, k, v = _qkv_split(cfg, ours[f"{prefix}self_attention.linear_qkv.{kind}"])
+    gate, up = ours[f"{prefix}mlp.linear_fc1.{kind}"].chunk(2, dim=0)
+    return {f"self_attn.q_proj.{kind}": q, f"self_attn.k_proj.{kind}": k, f"self_attn.v_proj.{kind}": v,
+            f"self_attn.o_proj.{kind}": ours[f"{prefix}self_attention.linear_proj.{kind}"],
+            f"mlp.gate_proj.{kind}": gate, f"mlp.up_proj.{kind}": up,
+            f"mlp.down_proj.{kind}": ours[f"{prefix}mlp.linear_fc2.{kind}"]}
 
 
 def layer_to_llama(cfg: Config, ours: dict, prefix: str) -> dict:
-    """One of our layers (keys under ``prefix``) as a ``LlamaDecoderLayer``'s state dict."""
-    q, k, v = _qkv_split(cfg, ours[f"{prefix}self_attention.linear_qkv.weight"])
-    gate, up = ours[f"{prefix}mlp.linear_fc1.weight"].chunk(2, dim=0)
-    return {
-        "input_layernorm.weight": ours[f"{prefix}input_layernorm.weight"],
-        "self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v,
-        "self_attn.o_proj.weight": ours[f"{prefix}self_attention.linear_proj.weight"],
-        "post_attention_layernorm.weight": ours[f"{prefix}pre_mlp_layernorm.weight"],
-        "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
-        "mlp.down_proj.weight": ours[f"{prefix}mlp.linear_fc2.weight"],
-    }
+    """One of our layers (keys under ``prefix``) as a ``LlamaDecoderLayer``'s state dict (biases when the model
+    has them: megatron's add_bias_linear = Llama's attention_bias and mlp_bias)."""
+    out = {"input_layernorm.weight": ours[f"{prefix}input_layernorm.weight"],
+           "post_attention_layernorm.weight": ours[f"{prefix}pre_mlp_layernorm.weight"],
+           **_fused_to_llama(cfg, ours, prefix, "weight")}
+    if cfg.model.add_bias_linear:
+        out.update(_fused_to_llama(cfg, ours, prefix, "bias"))
+    return out
 
 
 def layer_from_llama(cfg: Config, llama: dict, prefix: str) -> dict:
@@ -104,15 +93,21 @@ def layer_from_llama(cfg: Config, llama: dict, prefix: str) -> dict:
             raise KeyError(f"{key} is missing")
         return llama[key]
 
-    return {
-        "input_layernorm.weight": get("input_layernorm.weight"),
-        "self_attention.linear_qkv.weight": _qkv_merge(cfg, get("self_attn.q_proj.weight"),
-                                                       get("self_attn.k_proj.weight"), get("self_attn.v_proj.weight")),
-        "self_attention.linear_proj.weight": get("self_attn.o_proj.weight"),
-        "pre_mlp_layernorm.weight": get("post_attention_layernorm.weight"),
-        "mlp.linear_fc1.weight": torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]),
-        "mlp.linear_fc2.weight": get("mlp.down_proj.weight"),
-    }
+    def fused(kind: str) -> dict:
+        return {
+            f"self_attention.linear_qkv.{kind}": _qkv_merge(cfg, get(f"self_attn.q_proj.{kind}"),
+                                                            get(f"self_attn.k_proj.{kind}"),
+                                                            get(f"self_attn.v_proj.{kind}")),
+            f"self_attention.linear_proj.{kind}": get(f"self_attn.o_proj.{kind}"),
+            f"mlp.linear_fc1.{kind}": torch.cat([get(f"mlp.gate_proj.{kind}"), get(f"mlp.up_proj.{kind}")]),
+            f"mlp.linear_fc2.{kind}": get(f"mlp.down_proj.{kind}"),
+        }
+
+    out = {"input_layernorm.weight": get("input_layernorm.weight"),
+           "pre_mlp_layernorm.weight": get("post_attention_layernorm.weight"), **fused("weight")}
+    if cfg.model.add_bias_linear:
+        out.update(fused("bias"))
+    return out
 
 
 def progress(items, what: str):
@@ -172,9 +167,14 @@ def from_llama(cfg: Config, llama: dict, heads: Optional[dict]) -> dict:
 
 def write_folder(cfg: Config, dense: dict, out: str, tokenizer_model: Optional[str] = None,
                  max_shard_size: str = "5GB") -> None:
-    """The Hugging Face folder ``out``, written under ``out.tmp`` and renamed when complete."""
+    """The Hugging Face folder ``out``, written under ``out.tmp`` and renamed when complete: config.json and
+    generation_config.json (the tokenizer's special ids; the padded vocabulary rows suppressed), the weights, the
+    heads, and the tokenizer (``tokenizer_model`` for sentencepiece, built in for ``tokenizer.type=byte``)."""
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import save_file
+
+    from mtp_megatron.convert.hf_tokenizer import write_tokenizer
+    from mtp_megatron.data.tokenizer import resolve_tokenizer_type
 
     problems = llama_problems(cfg)
     if problems:
@@ -185,37 +185,36 @@ def write_folder(cfg: Config, dense: dict, out: str, tokenizer_model: Optional[s
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     llama, heads = to_llama(cfg, dense)
-    dtype = llama["lm_head.weight"].dtype
-    llama_config(cfg, llama["lm_head.weight"].shape[0], dtype).save_pretrained(tmp)
+    dtype, rows = llama["lm_head.weight"].dtype, llama["lm_head.weight"].shape[0]
+    kind = resolve_tokenizer_type(cfg.tokenizer.type, tokenizer_model or cfg.tokenizer.model)
+    special = write_tokenizer(kind, tokenizer_model, tmp, cfg.model.vocab_size) or {}
+    llama_config(cfg, rows, dtype, special).save_pretrained(tmp)
+    generation_config(cfg, rows, special).save_pretrained(tmp)
     save_torch_state_dict(llama, tmp, max_shard_size=max_shard_size)
     if heads:
         save_file(heads, os.path.join(tmp, HEADS_FILE), metadata={"format": "pt"})
     with open(os.path.join(tmp, HEADS_CONFIG), "w") as f:
         json.dump({"n_heads": cfg.mtp.n_heads, "trunk_layers": cfg.trunk_num_layers(),
                    "heads_file": HEADS_FILE if heads else None,
+                   "vocab_size": cfg.model.vocab_size, "padded_vocab_size": rows,
                    "key_map": "heads.{k}.<LlamaDecoderLayer keys> = our mtp_heads.layers.{k}, k = 1..n-1; head 1 "
                               "is the last Llama layer",
                    "mtp_megatron_config": config_to_dict(cfg)}, f, indent=1)
-    if tokenizer_model:
-        _write_tokenizer(tokenizer_model, tmp)
     os.rename(tmp, out)
 
 
-def _write_tokenizer(model_file: str, folder: str) -> None:
-    """The sentencepiece model as a Llama tokenizer (tokenizer.model, and transformers' files when it can)."""
-    shutil.copy(model_file, os.path.join(folder, "tokenizer.model"))
-    try:
-        from transformers import LlamaTokenizer
+def generation_config(cfg: Config, rows: int, special: dict):
+    """Greedy decoding as ours: the tokenizer's ids (generation stops at EOD), and the padding rows past
+    ``model.vocab_size`` suppressed: they are no token, and our decoder never predicts them
+    (inference/decoder.py), while transformers' ``lm_head`` keeps all ``rows`` (so ours -> HF -> ours is bitwise)."""
+    from transformers import GenerationConfig
 
-        LlamaTokenizer(vocab_file=model_file, add_bos_token=False, legacy=False).save_pretrained(folder)
-    except Exception as error:  # the .model file alone still loads with sentencepiece
-        print(f"[convert] wrote tokenizer.model only: transformers could not build a tokenizer from it ({error})")
+    padding = list(range(cfg.model.vocab_size, rows))
+    return GenerationConfig(do_sample=False, suppress_tokens=padding or None, **special)
 
 
 def read_folder(folder: str) -> tuple[dict, Optional[dict], dict, Optional[dict]]:
     """(Llama state dict, extra heads or None, config.json, mtp_heads.json or None) of a Hugging Face folder."""
-    from safetensors.torch import load_file
-
     with open(os.path.join(folder, "config.json")) as f:
         hf_config = json.load(f)
     index = os.path.join(folder, WEIGHTS_INDEX)
@@ -228,39 +227,50 @@ def read_folder(folder: str) -> tuple[dict, Optional[dict], dict, Optional[dict]
         raise FileNotFoundError(f"{folder} has neither {WEIGHTS_INDEX} nor model.safetensors (safetensors weights)")
     llama = {}
     for name in progress(files, "reading shards"):
-        llama.update(load_file(os.path.join(folder, name)))
+        llama.update(_load_safetensors(os.path.join(folder, name)))
     meta, heads = None, None
     if os.path.exists(os.path.join(folder, HEADS_CONFIG)):
         with open(os.path.join(folder, HEADS_CONFIG)) as f:
             meta = json.load(f)
         if meta.get("heads_file"):
-            heads = load_file(os.path.join(folder, meta["heads_file"]))
+            heads = _load_safetensors(os.path.join(folder, meta["heads_file"]))
     return llama, heads, hf_config, meta
 
 
-def config_for_folder(hf_config: dict, meta: Optional[dict], n_heads: Optional[int]) -> Config:
+def _load_safetensors(path: str) -> dict:
+    """The tensors of one safetensors file; a missing, truncated or corrupt one is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing (the folder's index or mtp_heads.json names it)")
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors' own SafetensorError, or an OSError
+        raise ValueError(f"{path} cannot be read as safetensors ({error}): truncated or corrupt. Fix: copy or "
+                         "download the file again") from error
+
+
+def config_for_folder(hf_config: dict, meta: Optional[dict], n_heads: Optional[int],
+                      untie_embeddings: bool = False) -> Config:
     """Our config for a Hugging Face folder: the one it was exported with, if it has ours; else built from its
-    Llama config, with ``n_heads`` heads (default: the folder's, or 1). The vocabulary padding is set where the
-    weights are written (``native.with_vocab_rows``), so the embedding keeps its rows exactly."""
+    Llama config (refusing, naming the key, what our model cannot compute: convert/hf_config.py), with ``n_heads``
+    heads (default: the folder's, or 1). The vocabulary padding is set where the weights are written
+    (``native.with_vocab_rows``), so the embedding keeps its rows exactly."""
     if meta and meta.get("mtp_megatron_config"):
         cfg = config_from_dict(meta["mtp_megatron_config"], source="mtp_heads.json")
         if n_heads is not None:
             cfg.mtp.n_heads = n_heads
         return cfg
-    if hf_config.get("model_type") != "llama":
-        raise ValueError(f"config.json has model_type {hf_config.get('model_type')!r}; only Llama folders convert")
-    cfg = Config()
-    m = cfg.model
-    m.hidden_size, m.num_attention_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    m.num_query_groups = hf_config.get("num_key_value_heads") or m.num_attention_heads
-    m.ffn_hidden_size, m.vocab_size = hf_config["intermediate_size"], hf_config["vocab_size"]
-    m.num_layers = hf_config["num_hidden_layers"]
-    m.seq_length = hf_config.get("max_position_embeddings", 4096)
-    m.norm_epsilon = hf_config.get("rms_norm_eps", 1e-5)
-    rope = hf_config.get("rope_parameters") or {}
-    m.rotary_base = int(rope.get("rope_theta", hf_config.get("rope_theta", 10000)))
-    cfg.mtp.n_heads = n_heads or (meta or {}).get("n_heads", 1)
-    cfg.mtp.match_params = False  # the Llama's layers are the trunk plus head 1; extra heads come on top
-    cfg.train.precision = {"bfloat16": "bf16", "float16": "fp16"}.get(hf_config.get("dtype")
-                                                                       or hf_config.get("torch_dtype"), "fp32")
-    return config_from_dict(config_to_dict(cfg), source="config.json")
+    return config_for_llama(hf_config, n_heads or (meta or {}).get("n_heads", 1), untie_embeddings)
+
+
+def read_llama(folder: str, n_heads: Optional[int] = None, untie_embeddings: bool = False) -> tuple[Config, dict]:
+    """(our config, dense state dict) of a Hugging Face folder. A tied Llama (tie_word_embeddings=true) is refused
+    unless ``untie_embeddings``: then ``lm_head`` becomes a copy of the embedding, the same function, untied."""
+    llama, heads, hf_config, meta = read_folder(folder)
+    cfg = config_for_folder(hf_config, meta, n_heads, untie_embeddings)
+    if hf_config.get("tie_word_embeddings") and not (meta and meta.get("mtp_megatron_config")):
+        llama["lm_head.weight"] = llama["model.embed_tokens.weight"].clone()
+        print("[convert] tie_word_embeddings=true: lm_head is a copy of the embedding; the converted model is "
+              "UNTIED (its unembedding trains separately from the embedding)", flush=True)
+    return cfg, from_llama(cfg, llama, heads)

@@ -9,12 +9,16 @@
 
 Head 1 is the Llama itself. Heads 2..n are ``LlamaDecoderLayer``s that read the trunk output, the hidden state
 entering the Llama's last layer, and share its final norm and ``lm_head`` (see convert/hf.py for the key map).
+The logits cover every row of ``lm_head``, as the training loss does; rows from ``heads.vocab_size`` on are
+vocabulary padding, no token: drafting and decoding take the argmax over ``logits[..., :heads.vocab_size]`` as our
+decoder does (inference/decoder.py) and as generation_config.json's ``suppress_tokens`` makes ``generate`` do.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 
@@ -22,12 +26,13 @@ from mtp_megatron.convert.hf import HEADS_CONFIG
 
 
 class LlamaMTPHeads(torch.nn.Module):
-    def __init__(self, model, n_heads: int):
+    def __init__(self, model, n_heads: int, vocab_size: Optional[int] = None):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         super().__init__()
         self.model = model  # not a submodule of ours: the caller owns it
         config = model.config
+        self.vocab_size = vocab_size or config.vocab_size  # real ids; the rows after them are padding
         self.trunk_layers = config.num_hidden_layers - 1
         self.extra = torch.nn.ModuleList(LlamaDecoderLayer(config, layer_idx=config.num_hidden_layers + k)
                                          for k in range(n_heads - 1))
@@ -38,7 +43,7 @@ class LlamaMTPHeads(torch.nn.Module):
 
         with open(os.path.join(folder, HEADS_CONFIG)) as f:
             meta = json.load(f)
-        heads = cls(model, meta["n_heads"]).to(dtype=model.dtype)
+        heads = cls(model, meta["n_heads"], meta.get("vocab_size")).to(dtype=model.dtype)
         if meta.get("heads_file"):
             state = load_file(os.path.join(folder, meta["heads_file"]))
             heads.extra.load_state_dict({key[len("heads."):]: value for key, value in _renumbered(state).items()})

@@ -71,7 +71,7 @@ def read_meta_folder(folder: str, seq_length: int = 4096) -> tuple[Config, dict]
     m.vocab_size = meta["tok_embeddings.weight"].shape[0]
     m.num_layers, m.seq_length = layers, seq_length
     m.norm_epsilon = params.get("norm_eps", 1e-5)
-    m.rotary_base = int(params.get("rope_theta", 10000))
+    m.rotary_base = float(params.get("rope_theta", 10000.0))
     cfg.mtp.n_heads, cfg.mtp.match_params = n_heads, False  # trunk = layers[:-1], head 1 = layers[-1]
     cfg.train.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(meta["output.weight"].dtype, "fp32")
     cfg = config_from_dict(config_to_dict(cfg), source=os.path.join(folder, "params.json"))

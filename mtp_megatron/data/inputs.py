@@ -10,12 +10,14 @@ the run names the exact shape.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import List, Optional, Tuple
 
 from mtp_megatron.config.errors import ConfigError
 from mtp_megatron.config.schema import Config
-from mtp_megatron.data.index_file import DataFileError, inspect_indexed_dataset
-from mtp_megatron.data.tokenizer import TokenizerError, build_tokenizer
+from mtp_megatron.data.index_file import DataFileError, inspect_indexed_dataset, read_tokenizer_record
+from mtp_megatron.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_identity
 from mtp_megatron.training.deepspeed_config import deepspeed_config_problems
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -73,9 +75,42 @@ def resolve_inputs(cfg: Config) -> None:
             f">= {tokenizer.vocab_size}")
     if cfg.data.paths:
         problems += _data_problems(cfg, tokenizer.vocab_size)
+        problems += _tokenizer_problems(cfg)
     problems += deepspeed_config_problems(cfg)
     if problems:
         raise ConfigError.from_problems(problems)
+
+
+def _tokenizer_problems(cfg: Config) -> List[str]:
+    """Datasets tokenized with another tokenizer than the run's (their ``PREFIX.tokenizer.json``, written by
+    tools/preprocess_data.py). A dataset without the record (Megatron-LM's tool) cannot be checked: a notice,
+    printed once (rank 0)."""
+    try:
+        prefixes, _ = parse_blend(cfg.data.paths)
+        ours = tokenizer_identity(cfg.tokenizer.type, cfg.tokenizer.model)
+    except (ValueError, OSError):
+        return []  # reported by the other checks
+    problems, unchecked = [], []
+    for prefix in prefixes:
+        try:
+            record = read_tokenizer_record(prefix)
+        except DataFileError as e:
+            problems.append(f"data.paths: {e}")
+            continue
+        if record is None:
+            unchecked.append(prefix)
+        elif {k: record.get(k) for k in ours} != ours:
+            made_with = record.get("model") or record.get("type")
+            problems.append(
+                f"data.paths: {prefix} was tokenized with {record.get('type')} tokenizer {made_with} (sha256 "
+                f"{record.get('sha256')}), this run uses {ours['type']} {cfg.tokenizer.model or ''} (sha256 "
+                f"{ours['sha256']}). Fix: set tokenizer.model to the tokenizer the data was made with, or "
+                "preprocess the data again with this one")
+    if unchecked and os.environ.get("RANK", "0") == "0":
+        print(f"note: {', '.join(unchecked)} carr{'ies' if len(unchecked) == 1 else 'y'} no tokenizer record "
+              f"(not made by tools/preprocess_data.py): cannot check that it was tokenized with this run's "
+              "tokenizer", file=sys.stderr)
+    return problems
 
 
 def _data_problems(cfg: Config, vocab_size: int) -> List[str]:

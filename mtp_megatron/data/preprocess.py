@@ -32,15 +32,21 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mtp_megatron.data.index_file import write_tokenizer_record
 from mtp_megatron.data.sources import DataError, DocumentReader, SkipLog
-from mtp_megatron.data.tokenizer import build_tokenizer, token_dtype
+from mtp_megatron.data.tokenizer import build_tokenizer, token_dtype, tokenizer_identity
 
-# Megatron-LM's --tokenizer-type names and ours, to the kinds ``build_tokenizer`` takes.
+# --tokenizer-type: ours, and Megatron-LM's names for the same tokenization of a sentencepiece model, to
+# (the kind ``build_tokenizer`` takes, whether each document starts with BOS). Megatron-LM's
+# GPTSentencePieceTokenizer encodes with the model as is; its Llama2Tokenizer puts the model's BOS first in every
+# document (its ``tokenize(text, bos=True)``), as Llama-2's training data has it.
 TOKENIZER_TYPES = {
-    "SentencePieceTokenizer": "sentencepiece",
-    "sentencepiece": "sentencepiece",
-    "ByteTokenizer": "byte",
-    "byte": "byte",
+    "sentencepiece": ("sentencepiece", False),
+    "SentencePieceTokenizer": ("sentencepiece", False),
+    "GPTSentencePieceTokenizer": ("sentencepiece", False),
+    "Llama2Tokenizer": ("sentencepiece", True),
+    "byte": ("byte", False),
+    "ByteTokenizer": ("byte", False),
 }
 CHUNKSIZE = 32  # documents per task sent to a worker: amortizes the pickling round trip
 PROGRESS_SECONDS = 1.0
@@ -59,6 +65,7 @@ class PreprocessSummary:
     workers: int
     dtype: str
     skipped: SkipLog = field(default_factory=SkipLog)
+    empty: SkipLog = field(default_factory=SkipLog)  # empty documents, dropped
 
     @property
     def mb_per_s(self) -> float:
@@ -76,6 +83,7 @@ class PreprocessSummary:
             f"{self.mb_per_s:.2f} MB/s, {self.tokens_per_s:,.0f} tokens/s, "
             f"{self.documents / self.seconds:,.0f} documents/s",
             self.skipped.format(),
+            self.empty.format("empty documents dropped"),
         ])
 
 
@@ -84,10 +92,11 @@ def dataset_prefix(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
 
 
-def tokenizer_kind(tokenizer_type: str) -> str:
-    """``SentencePieceTokenizer`` / ``sentencepiece`` -> ``sentencepiece``; ``ByteTokenizer`` / ``byte`` -> ``byte``."""
+def tokenizer_kind(tokenizer_type: str) -> tuple[str, bool]:
+    """(``sentencepiece`` or ``byte``, whether documents start with BOS) for a ``--tokenizer-type`` name."""
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise DataError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+        raise DataError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)} "
+                        "(Megatron-LM's GPT2BPETokenizer, HuggingFaceTokenizer and others are not supported here)")
     return TOKENIZER_TYPES[tokenizer_type]
 
 
@@ -103,18 +112,23 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, tokenizer_type: str
     """
     if workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}")
-    kind = tokenizer_kind(tokenizer_type)
+    kind, prepend_bos = tokenizer_kind(tokenizer_type)
     tokenizer = build_tokenizer(kind, tokenizer_model)  # fails here, before any work, on a bad model file
+    if prepend_bos and tokenizer.bos < 0:
+        raise DataError(f"--tokenizer-type {tokenizer_type} starts every document with BOS, but "
+                        f"{tokenizer_model} has no BOS piece. Fix: --tokenizer-type GPTSentencePieceTokenizer")
     dtype = token_dtype(tokenizer.vocab_size)
     reader = DocumentReader(inputs, json_keys, suffixes, on_error)
     prefixes = {key: dataset_prefix(output_prefix, key) for key in reader.json_keys}
     _check_outputs(prefixes.values(), overwrite)
+    for prefix in prefixes.values():
+        _remove_stale_temporaries(prefix)
     IndexedDatasetBuilder = _import_builder()
 
     meter = _Progress(log_interval, enabled=progress)
     writers: List[_DatasetWriter] = []
     try:
-        with _pool(workers, kind, tokenizer_model, append_eod) as pool:
+        with _pool(workers, kind, tokenizer_model, append_eod, prepend_bos) as pool:
             # Opened after the fork, so that no worker inherits an open output file.
             writers = [_DatasetWriter(IndexedDatasetBuilder, prefix, dtype) for prefix in prefixes.values()]
             records = ((document.texts, document.nbytes) for document in reader)
@@ -122,13 +136,21 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, tokenizer_type: str
                 for writer, tokens in zip(writers, token_arrays):
                     writer.add(tokens)
                 meter.update(nbytes, sum(len(tokens) for tokens in token_arrays))
+        if meter.documents == 0:
+            raise DataError(f"no documents to write: {', '.join(inputs)} held none "
+                            f"({reader.empty.total} empty dropped, {reader.skipped.total} skipped). Fix: check "
+                            "--input, --json-keys and --suffixes")
         for writer in writers:
             writer.finalize()
         for writer in writers:
             writer.commit()
+            write_tokenizer_record(writer.prefix, tokenizer_identity(kind, tokenizer_model),
+                                   model=os.path.abspath(tokenizer_model) if kind == "sentencepiece" else None,
+                                   tokenizer_type=tokenizer_type, bos_per_document=prepend_bos,
+                                   eod_appended=append_eod)
         return PreprocessSummary(prefixes=prefixes, documents=meter.documents, tokens=meter.tokens,
                                  input_bytes=meter.input_bytes, seconds=meter.seconds, workers=workers,
-                                 dtype=np.dtype(dtype).name, skipped=reader.skipped)
+                                 dtype=np.dtype(dtype).name, skipped=reader.skipped, empty=reader.empty)
     except BaseException:  # KeyboardInterrupt included: no temporary file may outlive the run
         for writer in writers:
             writer.discard()
@@ -145,6 +167,26 @@ def _import_builder():
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     return IndexedDatasetBuilder
+
+
+def _remove_stale_temporaries(prefix: str) -> None:
+    """Remove ``{prefix}.tmp-{pid}.bin/.idx`` left by a run that was killed (its pid no longer runs here); name
+    those of a pid that still runs (another run, or a killed run's pid on another host of a shared file system)."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    stem = os.path.basename(prefix) + ".tmp-"
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        pid, _, suffix = name[len(stem):].partition(".")
+        if not (name.startswith(stem) and pid.isdigit() and suffix in ("bin", "idx")):
+            continue
+        path = os.path.join(folder, name)
+        if int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            os.remove(path)
+            print(f"removed {path}: left by a preprocessing run that did not finish (pid {pid})", file=sys.stderr)
+        elif int(pid) != os.getpid():
+            print(f"note: {path} belongs to process {pid}, which is running: another preprocessing run into the "
+                  "same output? It is left alone", file=sys.stderr)
 
 
 def _check_outputs(prefixes, overwrite: bool) -> None:
@@ -172,6 +214,9 @@ class _DatasetWriter:
     def commit(self) -> None:
         for suffix in (".bin", ".idx"):  # the index last: megatron-core reads a dataset through its index
             os.replace(self.tmp_prefix + suffix, self.prefix + suffix)
+        stale = self.prefix + ".tokenizer.json"  # an overwritten dataset's record is rewritten next
+        if os.path.exists(stale):
+            os.remove(stale)
 
     def discard(self) -> None:
         self.builder.data_file.close()  # the builder keeps its .bin open until finalize
@@ -223,34 +268,38 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------------------------
 # Worker side: top-level functions and a per-process tokenizer, importing nothing beyond the tokenizer.
 
-_worker_state: Optional[Tuple[object, type, Optional[int]]] = None  # (tokenizer, dtype, eod or None)
+# (tokenizer, dtype, eod or None, bos or None)
+_worker_state: Optional[Tuple[object, type, Optional[int], Optional[int]]] = None
 
 
-def _pool(workers: int, kind: str, model: Optional[str], append_eod: bool):
+def _pool(workers: int, kind: str, model: Optional[str], append_eod: bool, prepend_bos: bool):
     # fork starts workers at once and shares the loaded modules; elsewhere spawn works as well, since the
     # workers need nothing but this module and the tokenizer.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
-                                                    initargs=(kind, model, append_eod))
+                                                    initargs=(kind, model, append_eod, prepend_bos))
 
 
-def _init_worker(kind: str, model: Optional[str], append_eod: bool) -> None:
+def _init_worker(kind: str, model: Optional[str], append_eod: bool, prepend_bos: bool) -> None:
     global _worker_state
     # Ctrl-C is the main process's to handle (it stops the pool); the pool stops a worker with SIGTERM, which must
     # kill it even where the parent installed a handler of its own (tools/preprocess_data.py does).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     tokenizer = build_tokenizer(kind, model)
-    _worker_state = (tokenizer, token_dtype(tokenizer.vocab_size), tokenizer.eod if append_eod else None)
+    _worker_state = (tokenizer, token_dtype(tokenizer.vocab_size), tokenizer.eod if append_eod else None,
+                     tokenizer.bos if prepend_bos else None)
 
 
 def _encode(record: Tuple[Tuple[str, ...], int]) -> Tuple[Tuple[np.ndarray, ...], int]:
     """One document's texts -> one token array per text (EOD appended if asked); its size passes through."""
     texts, nbytes = record
-    tokenizer, dtype, eod = _worker_state
+    tokenizer, dtype, eod, bos = _worker_state
     arrays = []
     for text in texts:
         ids = tokenizer.tokenize(text)
+        if bos is not None:
+            ids.insert(0, bos)
         if eod is not None:
             ids.append(eod)
         arrays.append(np.array(ids, dtype=dtype))

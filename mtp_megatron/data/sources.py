@@ -8,9 +8,14 @@ What a path holds is decided by its name alone: ``.jsonl``, ``.json`` (Megatron-
 (hidden files and folders skipped, optionally only ``suffixes``), a glob pattern is expanded; both in sorted order,
 so the output of a run never depends on the file system's listing order.
 
-Bad records (malformed JSON, a missing or non-string key, invalid UTF-8, an empty document) either stop the run
-with an ``InputError`` naming the file and line (``on_error="fail"``, the default: silent data loss is worse than
-a stopped run) or are skipped and counted in a ``SkipLog`` for the run's summary (``on_error="skip"``).
+Bad records (malformed JSON, a missing or non-string key, invalid UTF-8) either stop the run with an
+``InputError`` naming the file and line (``on_error="fail"``, the default: silent data loss is worse than a
+stopped run) or are skipped and counted in a ``SkipLog`` for the run's summary (``on_error="skip"``).
+
+Empty documents are not bad: code corpora are full of them (an empty ``__init__.py``), and Megatron-LM's tool
+accepts them. They hold no tokens, so they are dropped and counted (``DocumentReader.empty``), whatever
+``on_error`` says; a whitespace-only document is a document (its whitespace is text, as in Megatron-LM). A
+record with several JSON keys is dropped when any of them is empty, so the keys' datasets stay aligned.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ _FIXES = {
     MISSING_KEY: "pass the keys the records have with --json-keys",
     NOT_A_STRING: "pass the keys of the text fields with --json-keys",
     INVALID_UTF8: "re-encode the file as UTF-8 (or select text files with --suffixes)",
-    EMPTY: "remove the document",
 }
 
 
@@ -97,12 +101,12 @@ class SkipLog:
         if len(self.first) < SKIPS_LISTED:
             self.first.append(skipped)
 
-    def format(self) -> str:
+    def format(self, title: str = "skipped") -> str:
         """A few lines for a summary: counts per reason, then the first skipped records by file and line."""
         if not self.total:
-            return "skipped: none"
+            return f"{title}: none"
         per_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items()))
-        lines = [f"skipped: {self.total} record{'s' if self.total != 1 else ''} ({per_reason})"]
+        lines = [f"{title}: {self.total} record{'s' if self.total != 1 else ''} ({per_reason})"]
         lines += [f"  {s}" for s in self.first]
         if self.total > len(self.first):
             lines.append(f"  ... and {self.total - len(self.first)} more")
@@ -121,7 +125,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                        help="only files with these suffixes when walking a folder, e.g. .py .md or py,md "
                             "(default: every file)")
     group.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="fail",
-                       help="bad records (malformed JSON, missing key, invalid UTF-8, empty): stop with an error "
+                       help="bad records (malformed JSON, missing key, invalid UTF-8): stop with an error "
                             "naming file and line, or skip and list them in the summary (default: %(default)s)")
 
 
@@ -178,6 +182,8 @@ class DocumentReader:
             raise DataError(f"{plain[0]}: a plain file is one text, but {len(self.json_keys)} JSON keys were asked "
                             "for; pass a single --json-keys for folders and text files")
         self.skipped = SkipLog()
+        self.empty = SkipLog()
+        """Empty documents, dropped (``EMPTY``; counted and the first few named in summaries)."""
 
     def __iter__(self) -> Iterator[Document]:
         for path in self.files:
@@ -203,7 +209,7 @@ class DocumentReader:
             self._bad(path, line, INVALID_UTF8, f"byte 0x{raw[e.start]:02x} at offset {e.start}")
             return
         if _is_empty(text):
-            self._bad(path, None, EMPTY, "")
+            self.empty.add(Skipped(path, None, EMPTY))
             return
         yield Document((text,), path, None, len(raw))
 
@@ -247,7 +253,7 @@ class DocumentReader:
                 self._bad(path, line, INVALID_UTF8, f"{key!r} holds a lone surrogate escape")
                 return None
             if _is_empty(text):
-                self._bad(path, line, EMPTY, f"{key!r} is empty or whitespace")
+                self.empty.add(Skipped(path, line, EMPTY, f"{key!r}"))
                 return None
             texts.append(text)
         return tuple(texts)
@@ -258,7 +264,7 @@ def _origin(path: str, line: Optional[int]) -> str:
 
 
 def _is_empty(text: str) -> bool:
-    return not text or text.isspace()
+    return not text
 
 
 def _encodable(text: str) -> bool:

@@ -106,6 +106,17 @@ def build_tokenizer(kind: Optional[str], model: Optional[str] = None) -> Tokeniz
     raise TokenizerError(f"unknown tokenizer type {kind!r}; choose sentencepiece or byte")
 
 
+def tokenizer_identity(kind: Optional[str], model: Optional[str] = None) -> dict:
+    """What identifies a tokenizer: its type and, for sentencepiece, the model file's content hash. Recorded with
+    checkpoints and preprocessed datasets, and compared on load."""
+    kind = resolve_tokenizer_type(kind, model)
+    identity = {"type": kind, "sha256": None}
+    if kind == "sentencepiece":
+        with open(model, "rb") as f:
+            identity["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return identity
+
+
 def token_dtype(vocab_size: int) -> type:
     """The on-disk token dtype for a vocabulary, as Megatron's ``DType.optimal_dtype``: uint16 below 65500."""
     return np.uint16 if vocab_size < 65500 else np.int32

@@ -66,6 +66,7 @@ class TrainSummary:
     roundtrip_checked: int
     roundtrip_failed: List[str] = field(default_factory=list)  # origins (file:line) of texts that did not round-trip
     skipped: SkipLog = field(default_factory=SkipLog)
+    empty: SkipLog = field(default_factory=SkipLog)  # empty documents, dropped
 
     def format(self) -> str:
         checked_ok = self.roundtrip_checked - len(self.roundtrip_failed)
@@ -77,6 +78,7 @@ class TrainSummary:
             *(f"  differs: {origin}" for origin in self.roundtrip_failed),
             f"time: {self.seconds:.1f} s",
             self.skipped.format(),
+            self.empty.format("empty documents dropped"),
         ]
         return "\n".join(lines)
 
@@ -114,7 +116,7 @@ def train_tokenizer(inputs: Sequence[str], model_prefix: str, vocab_size: int, *
         model_path=model_path, vocab_path=vocab_path, vocab_size=tokenizer.vocab_size, documents_read=read,
         documents_sampled=len(sample), sample_bytes=sum(_utf8_len(text) for _, text in sample),
         seconds=time.perf_counter() - start, roundtrip_checked=len(checked), roundtrip_failed=failed,
-        skipped=reader.skipped)
+        skipped=reader.skipped, empty=reader.empty)
 
 
 def sample_texts(texts: Iterable[Tuple[str, str]], max_bytes: int, seed: int) -> Tuple[List[Tuple[str, str]], int]:

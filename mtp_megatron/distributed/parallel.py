@@ -107,9 +107,12 @@ def init_distributed(parallel: ParallelConfig, device_preference: str, seed: int
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
     )
-    # Same seed on every rank: megatron derives the TP-region RNG streams from it (dropout in TP regions).
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    # The streams dropout draws from, as Megatron-LM seeds them: one per pipeline stage (seed + 100 x stage), the
+    # same on every DP replica; megatron derives each TP rank's stream for TP regions from it. Initial weights
+    # do not come from these: each layer has a stream of its own (model/initialization.py).
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
     return ParallelEnv(
         rank=rank,
         local_rank=local_rank,

@@ -2,8 +2,10 @@
 
 Training runs megatron-core's layers; decoding wants a cache and cropping it back after rejected drafts, which
 is simplest on plain tensors. This is the same computation (RMSNorm, rotate-half RoPE, grouped-query attention,
-SwiGLU; the trunk, then every head's layer on the trunk output, the shared norm and unembedding), checked against
-megatron's forward in tests/inference. Llama-shaped models only (what convert/hf.py exports).
+SwiGLU, optional linear biases, any head width; the trunk, then every head's layer on the trunk output, the shared
+norm and unembedding), checked against megatron's forward in tests/inference. RoPE as megatron-core computes it:
+inverse frequencies in fp32 from ``model.rotary_base``, megatron's llama3 scaling or linear position interpolation
+(``model.rope_scaling_type``). Llama-shaped models only (what convert/hf.py exports).
 
 ``forward(tokens, cache)`` runs the new tokens [b, t] after what ``cache`` holds and returns every head's logits
 [n, b, t, V]: head 1 is the next token, head i the token i-1 after it. Each head layer keeps its own keys and
@@ -12,6 +14,7 @@ values (it attends over the trunk outputs of all earlier positions), so the cach
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,15 +42,48 @@ class KVCache:
 
 
 class _Layer:
+    """One layer's tensors with megatron's fused ones split (q, k, v; gate, up); biases None without them."""
+
     def __init__(self, cfg: Config, dense: dict, prefix: str, dtype: torch.dtype):
         def get(name):
-            return dense[prefix + name].to(dtype)
+            tensor = dense.get(prefix + name)
+            return None if tensor is None else tensor.to(dtype)
 
-        self.q, self.k, self.v = (t.to(dtype) for t in _qkv_split(cfg, dense[prefix + "self_attention.linear_qkv.weight"]))
-        self.o = get("self_attention.linear_proj.weight")
-        self.gate, self.up = get("mlp.linear_fc1.weight").chunk(2, dim=0)
-        self.down = get("mlp.linear_fc2.weight")
+        def qkv(kind):
+            fused = get(f"self_attention.linear_qkv.{kind}")
+            return (None,) * 3 if fused is None else _qkv_split(cfg, fused)
+
+        def gate_up(kind):
+            fused = get(f"mlp.linear_fc1.{kind}")
+            return (None,) * 2 if fused is None else fused.chunk(2, dim=0)
+
+        self.q, self.k, self.v = qkv("weight")
+        self.q_bias, self.k_bias, self.v_bias = qkv("bias")
+        self.o, self.o_bias = get("self_attention.linear_proj.weight"), get("self_attention.linear_proj.bias")
+        self.gate, self.up = gate_up("weight")
+        self.gate_bias, self.up_bias = gate_up("bias")
+        self.down, self.down_bias = get("mlp.linear_fc2.weight"), get("mlp.linear_fc2.bias")
         self.norm1, self.norm2 = get("input_layernorm.weight"), get("pre_mlp_layernorm.weight")
+
+
+def rope_inv_freq(cfg: Config) -> torch.Tensor:
+    """RoPE's inverse frequencies exactly as megatron-core's RotaryEmbedding computes them (fp32, then its llama3
+    scaling when ``rope_scaling_type=llama3``), as fp64 for the angles."""
+    from mtp_megatron.convert.hf_config import MEGATRON_LLAMA3
+
+    m = cfg.model
+    dim = m.resolved_head_dim()
+    inv_freq = 1.0 / (m.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if m.rope_scaling_type == "llama3":
+        factor, old_context = m.rope_scaling_factor, MEGATRON_LLAMA3["original_max_position_embeddings"]
+        low, high = MEGATRON_LLAMA3["low_freq_factor"], MEGATRON_LLAMA3["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.to(torch.float64)
 
 
 class MTPDecoder:
@@ -58,21 +94,22 @@ class MTPDecoder:
         m = cfg.model
         self.n_heads, self.eps, self.dtype = cfg.mtp.n_heads, m.norm_epsilon, dtype
         self.heads_q, self.heads_kv = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-        self.head_dim = m.hidden_size // m.num_attention_heads
+        self.head_dim = m.resolved_head_dim()
         self.vocab_size = m.vocab_size  # real ids only: padding rows are never predicted
         self.embedding = dense["embedding.word_embeddings.weight"].to(dtype)
         self.trunk = [_Layer(cfg, dense, f"decoder.layers.{i}.", dtype) for i in range(cfg.trunk_num_layers())]
         self.heads = [_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype) for k in range(self.n_heads)]
         self.final_norm = dense["mtp_heads.final_norm.weight"].to(dtype)
         self.output = dense["mtp_heads.output_layer.weight"][: self.vocab_size].to(dtype)
-        self.inv_freq = 1.0 / (m.rotary_base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64)
-                                                 / self.head_dim))
+        self.inv_freq = rope_inv_freq(cfg)
+        # Linear scaling (megatron's seq_len_interpolation_factor) divides the positions.
+        self.position_scale = m.rope_scaling_factor if m.rope_scaling_type == "linear" else 1.0
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        angles = torch.outer(positions.to(torch.float64), self.inv_freq)
+        angles = torch.outer(positions.to(torch.float64) / self.position_scale, self.inv_freq)
         cos, sin = (torch.cat([f, f], dim=-1).to(x.dtype) for f in (angles.cos(), angles.sin()))
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -82,9 +119,10 @@ class MTPDecoder:
         b, t, _ = x.shape
         h = self._norm(x, layer.norm1)
         positions = torch.arange(start, start + t)
-        q = self._rope((h @ layer.q.T).view(b, t, self.heads_q, self.head_dim).transpose(1, 2), positions)
-        k = self._rope((h @ layer.k.T).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2), positions)
-        v = (h @ layer.v.T).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2)
+        q = F.linear(h, layer.q, layer.q_bias).view(b, t, self.heads_q, self.head_dim).transpose(1, 2)
+        k = F.linear(h, layer.k, layer.k_bias).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2)
+        v = F.linear(h, layer.v, layer.v_bias).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2)
+        q, k = self._rope(q, positions), self._rope(k, positions)
         if index < len(cache.keys):
             k, v = torch.cat([cache.keys[index], k], dim=2), torch.cat([cache.values[index], v], dim=2)
             cache.keys[index], cache.values[index] = k, v
@@ -96,9 +134,10 @@ class MTPDecoder:
         # Query i (absolute position start+i) sees keys 0 .. start+i.
         mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + attn.transpose(1, 2).reshape(b, t, -1) @ layer.o.T
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, t, -1), layer.o, layer.o_bias)
         h = self._norm(x, layer.norm2)
-        return x + (F.silu(h @ layer.gate.T) * (h @ layer.up.T)) @ layer.down.T
+        mlp = F.silu(F.linear(h, layer.gate, layer.gate_bias)) * F.linear(h, layer.up, layer.up_bias)
+        return x + F.linear(mlp, layer.down, layer.down_bias)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +42,7 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,  # None: megatron's hidden_size / num_attention_heads
         ffn_hidden_size=m.resolved_ffn_hidden_size(),
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
@@ -61,6 +65,9 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
         from mtp_megatron.distributed import cpu_compat
 
         kwargs.update(cpu_compat.transformer_config_overrides())
+    # Every weight is initialised as its full master tensor on the CPU, then sliced for this TP rank, on GPU too:
+    # with per-layer streams (model/initialization.py) the same seed then gives the same model at every layout.
+    kwargs["use_cpu_initialization"] = True
     config = TransformerConfig(**kwargs)
     # Initialise as the plain GPT of the same depth would: the residual-output init is scaled by the total
     # number of layers the signal passes through (trunk + one head), not by the trunk alone.
@@ -80,7 +87,8 @@ def build_model(cfg: Config, env: ParallelEnv) -> MTPGPTModel:
 def construct_model(cfg: Config, config: TransformerConfig, groups, first_stage: bool,
                     last_stage: bool) -> MTPGPTModel:
     """The stage's ``MTPGPTModel`` where torch creates tensors now (the planner builds it on the meta device)."""
-    layer_spec, norm_spec = layer_and_norm_specs(cfg.model, explicit_attention_mask=cfg.data.reset_attention_mask)
+    layer_spec, norm_spec = layer_and_norm_specs(cfg.model, explicit_attention_mask=cfg.data.reset_attention_mask,
+                                                 init_seed=cfg.train.seed)
     document_eod = None
     if cfg.data.reset_attention_mask:
         document_eod = build_tokenizer(cfg.tokenizer.type, cfg.tokenizer.model).eod
@@ -96,7 +104,10 @@ def construct_model(cfg: Config, config: TransformerConfig, groups, first_stage:
         post_process=last_stage,
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
+        rope_scaling_type=cfg.model.rope_scaling_type,
+        rope_scaling_factor=cfg.model.rope_scaling_factor,
         document_eod=document_eod,
+        init_seed=cfg.train.seed,
         pg_collection=groups,
     )
 
@@ -115,3 +126,29 @@ def wrap_model(model: MTPGPTModel, cfg: Config, env: ParallelEnv) -> Distributed
         average_in_collective=False,
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, pg_collection=env.groups)
+
+
+def sync_parameters(model) -> None:
+    """Bring this rank's weights up to date before anything reads them (a checkpoint save, an export).
+
+    With ``parallel.overlap_param_gather`` the distributed optimizer updates only this DP rank's shard of the
+    weights in ``optimizer.step()`` and leaves the all-gather of the other shards to the next forward's pre-hooks,
+    so until then every rank holds a mix of this step's and the previous step's weights. Megatron-LM forces the
+    gather before every save (``force_param_sync`` in its training loop); so do we. Collective over DP.
+    """
+    if getattr(model, "use_forward_hook", False):
+        model.start_param_sync(force_sync=True)
+
+
+@contextlib.contextmanager
+def gathered_parameters(model) -> Iterator[None]:
+    """Current weights on every rank, and no overlapped gather, for a forward-only pass (evaluation), as
+    Megatron-LM's ``disable_forward_pre_hook`` / ``enable_forward_pre_hook`` around its evaluation."""
+    if not getattr(model, "use_forward_hook", False):
+        yield
+        return
+    model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        model.enable_forward_pre_hook()

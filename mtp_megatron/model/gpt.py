@@ -7,6 +7,7 @@ pipeline input handling and the trunk's checkpoint keys are exactly megatron-cor
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -16,7 +17,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mtp_megatron.model.heads import HeadInputs, MTPHeads, shift_targets
+from mtp_megatron.model.heads import HeadInputs, MTPHeads
+from mtp_megatron.model.targets import shift_targets
+from mtp_megatron.model.initialization import seeded_init
 
 
 class MTPGPTModel(GPTModel):
@@ -38,22 +41,32 @@ class MTPGPTModel(GPTModel):
         pre_process: bool,
         post_process: bool,
         position_embedding_type: str = "rope",
-        rotary_base: int = 10000,
+        rotary_base: float = 10000.0,
+        rope_scaling_type: Optional[str] = None,
+        rope_scaling_factor: float = 1.0,
         document_eod: Optional[int] = None,
+        init_seed: Optional[int] = None,
         pg_collection=None,
     ):
-        super().__init__(
-            config=config,
-            transformer_layer_spec=layer_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max_sequence_length,
-            pre_process=pre_process,
-            post_process=False,  # GPTModel's own norm/output layer are replaced by the heads
-            share_embeddings_and_output_weights=False,  # untied, as in the paper
-            position_embedding_type=position_embedding_type,
-            rotary_base=rotary_base,
-            pg_collection=pg_collection,
-        )
+        # The embedding (first stage) initialises from a stream of its own; each layer seeds itself (specs.py).
+        with seeded_init(init_seed, "embedding") if init_seed is not None else contextlib.nullcontext():
+            super().__init__(
+                config=config,
+                transformer_layer_spec=layer_spec,
+                vocab_size=vocab_size,
+                max_sequence_length=max_sequence_length,
+                pre_process=pre_process,
+                post_process=False,  # GPTModel's own norm/output layer are replaced by the heads
+                share_embeddings_and_output_weights=False,  # untied, as in the paper
+                position_embedding_type=position_embedding_type,
+                rotary_base=rotary_base,
+                # RoPE scaling (config/schema.py ModelConfig.rope_scaling_type): megatron-core's llama3 scaling,
+                # or linear position interpolation.
+                rope_scaling=rope_scaling_type == "llama3",
+                rope_scaling_factor=rope_scaling_factor,
+                seq_len_interpolation_factor=rope_scaling_factor if rope_scaling_type == "linear" else None,
+                pg_collection=pg_collection,
+            )
         self.has_heads = post_process
         # Set when documents are masked from each other: the heads then skip targets in a later document.
         self.document_eod = document_eod
@@ -66,6 +79,7 @@ class MTPGPTModel(GPTModel):
                 vocab_size=vocab_size,
                 trunk_num_layers=config.num_layers,
                 sequential_backward=sequential_backward,
+                init_seed=init_seed,
                 pg_collection=self.pg_collection,
             )
 
@@ -76,6 +90,7 @@ class MTPGPTModel(GPTModel):
         attention_mask: Optional[Tensor],
         labels: Optional[Tensor] = None,
         loss_mask: Optional[Tensor] = None,
+        head_weights: Optional[Tensor] = None,
     ):
         decoder_input, rotary_pos_emb, *_ = self._preprocess(input_ids=input_ids, position_ids=position_ids)
         hidden = self.decoder(
@@ -84,7 +99,7 @@ class MTPGPTModel(GPTModel):
         if not self.has_heads:
             return hidden
         head_labels, head_masks = shift_targets(labels, loss_mask, self.mtp_heads.n_heads, self.document_eod)
-        inputs = HeadInputs(head_labels, head_masks, attention_mask, rotary_pos_emb)
+        inputs = HeadInputs(head_labels, head_masks, attention_mask, rotary_pos_emb, head_weights)
         return self.mtp_heads(hidden, inputs)
 
     def head_logits(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:

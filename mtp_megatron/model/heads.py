@@ -3,10 +3,15 @@
 This is the one idea mtp-megatron adds to megatron-core. On the last pipeline stage the trunk output ``z``
 ([s, b, h]) feeds n heads. Head i (1-based) is one transformer layer, followed by a norm and a vocab-parallel
 unembedding that all heads share, and predicts token t+i at position t (Gloeckle et al. 2024). Head 1 is the
-ordinary next-token path, so n=1 is a plain GPT.
+ordinary next-token path, so n=1 is a plain GPT. Targets: model/targets.py.
 
-Training loss: the sum over heads of each head's mean cross-entropy over the positions that have a target
-(``loss_mask`` shifted with the labels; the last i-1 positions of a sample carry no loss for head i).
+Training objective: the sum over heads of each head's mean cross-entropy over all of its target tokens in the
+global batch (every microbatch on every data-parallel rank), as torchtitan and OLMo-core normalise. The training
+step knows each head's global target count N_i before it runs the microbatches (training/step.py) and hands
+every head the factor ``weights[i]`` = num_microbatches x dp / N_i; a microbatch's loss is then
+sum_i weights[i] x (sum of head i's token losses), which the schedule's 1/num_microbatches and DDP's 1/dp turn
+into exactly sum_i (head i's global token-loss sum) / N_i. Without weights (evaluation) a microbatch's loss is the
+sum of its own per-head means.
 
 Two orders compute the same gradients:
 
@@ -26,6 +31,7 @@ number of target tokens), so they can be summed over microbatches and data-paral
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +44,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.utils import sharded_state_dict_default
+
+from mtp_megatron.model.initialization import seeded_init
 
 STAT_LOSS_SUM, STAT_CORRECT, STAT_TOKENS = 0, 1, 2
 
@@ -52,35 +60,9 @@ class HeadInputs:
     """Per head, [b, s] float mask: 1 where the target exists and counts."""
     attention_mask: Optional[Tensor]
     rotary_pos_emb: Optional[Tensor]
-
-
-def shift_targets(labels: Tensor, loss_mask: Tensor, n_heads: int,
-                  document_eod: Optional[int] = None) -> tuple[list[Tensor], list[Tensor]]:
-    """Targets of every head from the next-token ``labels`` ([b, s], labels[t] = token t+1).
-
-    Head i's target at position t is token t+i = labels[t+i-1], weighted by loss_mask[t+i-1] (the mask belongs
-    to the target token). The last i-1 positions have no target inside the sample and are masked out. With
-    ``document_eod`` (documents masked from each other), head i also skips targets that lie in a later document
-    than token t+1, i.e. when one of the tokens t+1..t+i-1 it would predict across is that EOD; head 1 is
-    unchanged, as in Megatron. (Context parallelism would need megatron's CP-aware ``roll_tensor``; the config
-    refuses CP.)
-    """
-    all_labels, all_masks = [labels], [loss_mask]
-    if document_eod is not None:
-        # eods_before[:, j] = EODs among labels[:, :j]; EODs in labels[t..t+k-1] = eods_before[t+k] - eods_before[t].
-        is_eod = (labels == document_eod).to(torch.int32)
-        eods_before = torch.nn.functional.pad(is_eod.cumsum(dim=1), (1, 0))
-    for k in range(1, n_heads):
-        shifted_labels = torch.zeros_like(labels)
-        shifted_mask = torch.zeros_like(loss_mask)
-        shifted_labels[:, :-k] = labels[:, k:]
-        shifted_mask[:, :-k] = loss_mask[:, k:]
-        if document_eod is not None:
-            crosses = (eods_before[:, k:-1] - eods_before[:, : -k - 1]) > 0
-            shifted_mask[:, :-k] = shifted_mask[:, :-k].masked_fill(crosses, 0.0)
-        all_labels.append(shifted_labels)
-        all_masks.append(shifted_mask)
-    return all_labels, all_masks
+    weights: Optional[Tensor] = None
+    """[n] float32: what each head's sum of token losses is multiplied by (see the module docstring); None = each
+    head's mean over this microbatch."""
 
 
 class MTPHeads(MegatronModule):
@@ -96,6 +78,7 @@ class MTPHeads(MegatronModule):
         trunk_num_layers: int,
         sequential_backward: bool,
         pg_collection,
+        init_seed: Optional[int] = None,
     ):
         super().__init__(config=config)
         self.n_heads = n_heads
@@ -116,29 +99,34 @@ class MTPHeads(MegatronModule):
         self.final_norm = build_module(
             norm_spec, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size,
-            vocab_size,
-            config=config,
-            init_method=config.init_method,
-            bias=False,
-            skip_bias_add=False,
-            gather_output=False,
-            tp_group=self.tp_group,
-        )
+        with seeded_init(init_seed, "output_layer") if init_seed is not None else contextlib.nullcontext():
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                tp_group=self.tp_group,
+            )
 
     # ---------------------------------------------------------------- one head
 
     def logits(self, head: int, hidden: Tensor, inputs: HeadInputs) -> Tensor:
         """Vocab-parallel logits [s, b, V/tp] of head ``head`` (0-based) for trunk output ``hidden``."""
-        out, _ = self.layers[head](
-            hidden, attention_mask=inputs.attention_mask, rotary_pos_emb=inputs.rotary_pos_emb
-        )
+        # Under sequence parallelism each TP rank holds its own slice of the sequence, so dropout must draw from
+        # the rank's own stream, as TransformerBlock arranges for the trunk's layers (the heads run outside it).
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
+        with rng:
+            out, _ = self.layers[head](
+                hidden, attention_mask=inputs.attention_mask, rotary_pos_emb=inputs.rotary_pos_emb
+            )
         logits, _ = self.output_layer(self.final_norm(out))
         return logits
 
     def head_loss(self, head: int, hidden: Tensor, inputs: HeadInputs) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy of one head over its target tokens, and its [3] statistics row."""
+        """One head's loss (its share of the objective, see the module docstring) and its [3] statistics row."""
         logits = self.logits(head, hidden, inputs)
         labels = inputs.labels[head].transpose(0, 1).contiguous()  # [s, b], as logits
         mask = inputs.loss_masks[head].transpose(0, 1).float()
@@ -147,10 +135,12 @@ class MTPHeads(MegatronModule):
         token_loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
         del logits
         num_tokens = mask.sum()
-        loss = (token_loss * mask).sum() / num_tokens.clamp(min=1)
-        stats = torch.stack(
-            [(token_loss.detach() * mask).sum(), (correct * mask).sum(), num_tokens]
-        ).double()
+        loss_sum = (token_loss * mask).sum()
+        if inputs.weights is not None:
+            loss = loss_sum * inputs.weights[head]
+        else:
+            loss = loss_sum / num_tokens.clamp(min=1)
+        stats = torch.stack([loss_sum.detach(), (correct * mask).sum(), num_tokens]).double()
         return loss, stats
 
     @torch.no_grad()
@@ -213,6 +203,8 @@ class _SequentialHeadsLoss(torch.autograd.Function):
         (hidden,) = ctx.saved_tensors
         # The heads' graphs start at a leaf so each backward stops at z and only accumulates dL/dz there.
         hidden = hidden.detach().requires_grad_()
+        # dL/dz summed over heads in fp32 (in bf16 each head's addition would round).
+        grad_sum = torch.zeros_like(hidden, dtype=torch.float32)
         shared = [*ctx.heads.final_norm.parameters(), *ctx.heads.output_layer.parameters()]
         with torch.enable_grad():
             for head in range(ctx.heads.n_heads):
@@ -226,5 +218,7 @@ class _SequentialHeadsLoss(torch.autograd.Function):
                 # the placeholder stands for the sum of head losses, so each head gets the same scale.
                 torch.autograd.backward(loss, grad_output)
                 del loss  # the head's graph, logits included, is freed before the next head runs
+                grad_sum += hidden.grad
+                hidden.grad = None
         ctx.heads = ctx.inputs = None
-        return hidden.grad, None, None, None
+        return grad_sum.to(hidden.dtype), None, None, None

@@ -9,6 +9,7 @@ Apex is installed (GPU clusters build it from source; never from PyPI, whose ``a
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from megatron.core.models.gpt import gpt_layer_specs
@@ -16,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtp_megatron.config import ModelConfig
+from mtp_megatron.model.initialization import SeededTransformerLayer
 
 try:  # optional: Apex's fused norms (CUDA only)
     from apex.normalization import FusedLayerNorm as ApexLayerNorm, FusedRMSNorm as ApexRMSNorm
@@ -32,7 +34,9 @@ class Norm:
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
         rms = config.normalization == "RMSNorm"
-        if HAVE_APEX and torch.cuda.is_available() and not config.use_cpu_initialization:
+        # Built on the CPU (model/builder.py initialises there) and moved; Apex's kernels fall back to plain torch
+        # for CPU inputs, so a CPU run on a GPU node computes the same.
+        if HAVE_APEX and torch.cuda.is_available():
             norm = (ApexRMSNorm if rms else ApexLayerNorm)(hidden_size, eps=eps)
         else:
             norm = (torch.nn.RMSNorm if rms else torch.nn.LayerNorm)(hidden_size, eps=eps)
@@ -51,17 +55,23 @@ def use_transformer_engine(impl: str) -> bool:
     return impl == "transformer_engine" or (impl == "auto" and gpt_layer_specs.HAVE_TE)
 
 
-def layer_and_norm_specs(model: ModelConfig, explicit_attention_mask: bool = False) -> tuple[ModuleSpec, ModuleSpec]:
+def layer_and_norm_specs(model: ModelConfig, explicit_attention_mask: bool = False,
+                         init_seed: Optional[int] = None) -> tuple[ModuleSpec, ModuleSpec]:
     """The spec of one transformer layer (trunk and heads alike) and of the norm the heads share.
 
     ``explicit_attention_mask`` (document masks) needs the local attention, which applies the mask it is given;
     Transformer Engine's causal attention ignores it (the config refuses an explicit transformer_engine then).
+    With ``init_seed`` each layer initialises from a stream of its own global index (model/initialization.py).
     """
     if use_transformer_engine(model.transformer_impl) and not explicit_attention_mask:
         from megatron.core.extensions.transformer_engine import TENorm
 
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), ModuleSpec(module=TENorm)
-    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
-    norm = ModuleSpec(module=Norm)
-    layer.submodules = dataclasses.replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+        layer, norm = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), ModuleSpec(module=TENorm)
+    else:
+        layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+        norm = ModuleSpec(module=Norm)
+        layer.submodules = dataclasses.replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+    if init_seed is not None:
+        layer = dataclasses.replace(layer, module=SeededTransformerLayer,
+                                    params={**layer.params, "init_seed": init_seed})
     return layer, norm

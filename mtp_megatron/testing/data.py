@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from mtp_megatron.data.tokenizer import token_dtype
+from mtp_megatron.data.index_file import write_tokenizer_record
+from mtp_megatron.data.tokenizer import token_dtype, tokenizer_identity
 
 
-def write_token_dataset(prefix: str, documents: Sequence[Sequence[int]], vocab_size: int) -> str:
-    """Write ``documents`` (lists of token ids) as ``prefix``.bin/.idx in the dtype preprocessing would use."""
+def write_token_dataset(prefix: str, documents: Sequence[Sequence[int]], vocab_size: int,
+                        tokenizer: Optional[tuple] = ("byte", None)) -> str:
+    """Write ``documents`` (lists of token ids) as ``prefix``.bin/.idx in the dtype preprocessing would use, with
+    the tokenizer record tools/preprocess_data.py writes (``tokenizer`` = (type, model path); None: no record,
+    as Megatron-LM's tool)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=token_dtype(vocab_size))
     for document in documents:
         builder.add_document(torch.tensor(document, dtype=torch.int64), [len(document)])
     builder.finalize(f"{prefix}.idx")
+    if tokenizer is not None:
+        write_tokenizer_record(prefix, tokenizer_identity(*tokenizer), model=tokenizer[1])
     return prefix
 
 

@@ -11,10 +11,12 @@ import torch
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
+from mtp_megatron.checkpoint import store
 from mtp_megatron.checkpoint.checkpointer import Checkpointer
 from mtp_megatron.config import Config
 from mtp_megatron.data.loader import microbatches
 from mtp_megatron.distributed.parallel import ParallelEnv
+from mtp_megatron.model.builder import gathered_parameters
 from mtp_megatron.training.metrics import MetricsLogger
 from mtp_megatron.training.state import TrainState
 from mtp_megatron.training.stopping import StopRequests
@@ -43,13 +45,30 @@ def fit(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, train_data, 
     """Train from ``state`` (a fresh run by default) to ``cfg.train.iters``, or until ``stop`` says so, saving
     through ``checkpointer``; updates ``state`` in place and returns every step's result (for tests and callers)."""
     state = state if state is not None else TrainState()
+    data = microbatches(train_data, state.consumed_samples, cfg, env)
+    history, stop_reason = [], None
+    write_run_state(cfg, env, "running", state)
+    try:
+        stop_reason = _train_steps(cfg, env, model, optimizer, scheduler, data, valid_data, logger, state,
+                                   checkpointer, stop, history)
+        if checkpointer is not None:
+            checkpointer.close()  # wait for a background save: the run is not safe to leave before it is committed
+    except BaseException as error:  # say so in run_state.json (launchers read it), then fail as before
+        write_run_state(cfg, env, "failed", state, f"{type(error).__name__}: {str(error)[:500]}")
+        raise
+    write_run_state(cfg, env, "stopped" if stop_reason else "finished", state, stop_reason)
+    return history
+
+
+def _train_steps(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, data, valid_data,
+                 logger: MetricsLogger, state: TrainState, checkpointer: Checkpointer | None,
+                 stop: StopRequests | None, history: list) -> str | None:
+    """Steps until ``train.iters`` or an agreed stop (whose reason it returns), saving as configured."""
     num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     saving = checkpointer is not None and cfg.checkpoint.save
-    data = microbatches(train_data, state.consumed_samples, cfg, env)
     skips = _SkipCounter(cfg)
-    history, stop_reason = [], None
-    write_run_state(cfg, env, "running", state)
+    stop_reason = None
     while state.step < cfg.train.iters:
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         start = time.perf_counter()
@@ -81,17 +100,14 @@ def fit(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, train_data, 
                       f"{' after saving a checkpoint' if saving else ' (checkpoint.save=false: nothing saved)'}; "
                       "start the same command again to resume", flush=True)
             break
-    if checkpointer is not None:
-        checkpointer.close()  # wait for a background save: the run is not safe to leave before it is committed
-    write_run_state(cfg, env, "stopped" if stop_reason else "finished", state, stop_reason)
-    return history
+    return stop_reason
 
 
 class _SkipCounter:
     """Applies ``train.nan_policy`` to steps whose update was skipped for a non-finite loss or gradient norm."""
 
     def __init__(self, cfg: Config):
-        self.policy, self.limit = cfg.train.nan_policy, cfg.train.nan_skip_limit
+        self.policy, self.limit, self.lr = cfg.train.nan_policy, cfg.train.nan_skip_limit, cfg.optim.lr
         self.total = self.in_a_row = 0
 
     def update(self, step: int, result: StepResult, checkpointer: Checkpointer | None) -> None:
@@ -111,23 +127,36 @@ class _SkipCounter:
                                      f"was saved (train.nan_policy=stop).{newest}")
         if self.in_a_row > self.limit:
             raise NonFiniteStepError(f"step {step}: {what} is not finite, {self.in_a_row} skipped steps in a row "
-                                     f"(train.nan_skip_limit={self.limit}): the run is diverging.{newest} Restart "
-                                     "from an earlier checkpoint with a lower optim.lr, or investigate the data.")
+                                     f"(train.nan_skip_limit={self.limit}): the run is diverging.{newest} "
+                                     + self._rollback_advice(step - self.in_a_row + 1, checkpointer))
         print(f"[nan] step {step}: {what} is not finite; update skipped ({self.in_a_row} in a row, "
               f"{self.total} in all)", flush=True)
 
+    def _rollback_advice(self, first_bad_step: int, checkpointer: Checkpointer | None) -> str:
+        """A command line that restarts from the newest checkpoint saved before the streak, at half the lr."""
+        before = [path for path in store.committed(checkpointer.root) if (store.step_of(path) or 0) < first_bad_step
+                  ] if checkpointer is not None else []
+        if not before:
+            return "No checkpoint precedes the diverging steps: start over with a lower optim.lr, or investigate the data."
+        return (f"To roll back, rerun the same command with checkpoint.load={before[-1]} optim.lr={self.lr / 2:g} "
+                "(the run continues from that checkpoint; the later ones are kept in checkpoints/set_aside/), or "
+                "investigate the data.")
+
 
 def write_run_state(cfg: Config, env: ParallelEnv, status: str, state: TrainState, reason: str | None = None) -> None:
-    """``<run.dir>/run_state.json``: whether the run is running, finished or stopped early (and resumable), read by
-    launchers (slurm/) to decide whether to requeue."""
+    """``<run.dir>/run_state.json``: whether the run is running, finished, stopped early (and resumable) or failed
+    (with the error), read by launchers (slurm/) to decide whether to requeue."""
     if env.rank != 0:
         return
     record = {"state": status, "reason": reason, "step": state.step, "iters": cfg.train.iters,
               "consumed_samples": state.consumed_samples, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = os.path.join(cfg.run.dir, "run_state.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as error:  # a full disk must not hide the error being reported
+        print(f"[run] could not write {path}: {error.strerror}", flush=True)
 
 
 def evaluate(cfg: Config, env: ParallelEnv, model, valid_data) -> StepResult:
@@ -137,5 +166,6 @@ def evaluate(cfg: Config, env: ParallelEnv, model, valid_data) -> StepResult:
     """
     num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     data = microbatches(valid_data, 0, cfg, env)
-    results = [eval_step([model], data, num_microbatches, cfg, env) for _ in range(cfg.train.eval_iters)]
+    with gathered_parameters(model):  # overlap_param_gather: this step's weights on every rank first
+        results = [eval_step([model], data, num_microbatches, cfg, env) for _ in range(cfg.train.eval_iters)]
     return StepResult.merge(results)

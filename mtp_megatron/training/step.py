@@ -16,10 +16,12 @@ import torch.distributed as dist
 
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.training import deepspeed_engine
 from mtp_megatron.model.heads import STAT_CORRECT, STAT_LOSS_SUM, STAT_TOKENS
+from mtp_megatron.model.targets import head_target_counts
 
 
 def _loss_func(output):
@@ -36,8 +38,22 @@ def forward_step(data_iterator, model):
         batch.get("attention_mask"),
         labels=batch.get("labels"),
         loss_mask=batch.get("loss_mask"),
+        head_weights=batch.get("head_weights"),
     )
     return output, _loss_func
+
+
+def with_head_weights(data_iterator, num_microbatches: int, n_heads: int, document_eod, env: ParallelEnv):
+    """The step's microbatches, each carrying the heads' objective weights (model/heads.py): read ahead on the
+    last stage (as torchtitan does) so that each head's target count over the whole global batch is known before
+    the first backward. Other stages read as the schedule asks."""
+    if data_iterator is None or not env.is_last_stage:
+        return data_iterator
+    batches = [next(data_iterator) for _ in range(num_microbatches)]
+    counts = sum(head_target_counts(b["labels"], b["loss_mask"], n_heads, document_eod) for b in batches)
+    dist.all_reduce(counts, group=env.groups.dp)  # TP ranks hold the same batches; DP ranks hold the others
+    weights = (num_microbatches * env.dims.dp / counts.clamp(min=1)).float()
+    return iter([{**batch, "head_weights": weights} for batch in batches])
 
 
 @dataclass
@@ -66,7 +82,8 @@ class StepResult:
 
     @property
     def loss(self) -> float:
-        """The training objective's value: the sum of the heads' mean losses."""
+        """The training objective's value: the sum over heads of each head's mean loss over all of its target
+        tokens in the step (every microbatch and data-parallel rank)."""
         return sum(self.head_loss)
 
     @staticmethod
@@ -108,7 +125,15 @@ def run_forward_backward(model_chunks, data_iterator, num_microbatches: int, cfg
     )
 
 
+def _document_eod(model_chunk):
+    """The EOD id across which the heads' targets are dropped (document masks), or None."""
+    bare = model_chunk.module if deepspeed_engine.is_deepspeed_engine(model_chunk) else unwrap_model(model_chunk)
+    return bare.document_eod
+
+
 def train_step(model_chunks, optimizer, scheduler, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
+    data_iterator = with_head_weights(data_iterator, num_microbatches, cfg.mtp.n_heads,
+                                      _document_eod(model_chunks[0]), env)
     if deepspeed_engine.is_deepspeed_engine(model_chunks[0]):
         return _deepspeed_train_step(model_chunks[0], scheduler, data_iterator, num_microbatches, cfg, env)
     for chunk in model_chunks:

@@ -182,17 +182,18 @@ def test_rank_killed_during_save_leaves_previous_checkpoint_and_resume_matches(t
 
     assert not (ckpts / "iter_0000006" / store.MANIFEST).exists()
     assert store.problems(str(ckpts / "iter_0000006"))  # absent, or present without a manifest
-    assert (ckpts / "iter_0000006.tmp").is_dir()  # the shards the dead save left
+    partial = (ckpts / "iter_0000006.tmp").is_dir()  # the dead save's shards, unless rank 0 removed them
     assert _latest(run_dir) == "iter_0000004"
     assert [os.path.basename(p) for p in store.committed(str(ckpts))] == ["iter_0000002", "iter_0000004"]
     assert store.problems(str(ckpts / "iter_0000004")) == []
-    assert _run_state(run_dir)["state"] == "running"  # it died: nobody wrote stopped/finished
+    # Rank 0 saw the save fail (its peer's connection closed) and said so before torchrun stopped it.
+    assert _run_state(run_dir)["state"] == "failed"
     assert max(_losses(run_dir)) == 6
 
     job = jobs(_torchrun("mtp_megatron.train", _args(run_dir, iters=8, interval=2)), tmp_path, "resumed")
     assert job.wait() == 0, job.tail()
     assert f"resumed from {ckpts / 'iter_0000004'} at step 4" in job.stdout, job.tail()
-    assert "iter_0000006.tmp: a save that did not finish; deleting it" in job.stderr
+    assert not partial or "iter_0000006.tmp: a save that did not finish; deleting it" in job.stderr
     assert not (ckpts / "iter_0000006.tmp").exists()
     assert store.problems(str(ckpts / "iter_0000006")) == [] and _latest(run_dir) == "iter_0000008"
     state = _run_state(run_dir)
@@ -287,3 +288,50 @@ def test_fault_specs_parse_strictly(monkeypatch, capsys):
     assert "MTP_FAULT" in capsys.readouterr().err
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert not faults.first_attempt()
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children = open(f"/proc/{pid}/task/{task}/children").read().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_checkpoint_helper_processes_die_with_a_killed_rank(tmp_path):
+    """megatron-core's checkpoint writer starts helper processes (a spawned Manager and its resource tracker);
+    after the rank is SIGKILLed none of them may live on."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "mtp_megatron.train", "--config", "configs/tiny.yaml", "train.iters=500",
+         "checkpoint.interval=1", "model.seq_length=32", "logging.tensorboard=false", f"run.dir={tmp_path}/run"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+    helpers = []
+    try:
+        for line in job.stdout:
+            if "[checkpoint] saved" in line:
+                break
+        helpers = _descendants(job.pid)
+        assert helpers, "the save started no helper process: nothing to check"
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in helpers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in helpers if _running(pid)], "helper processes outlived their rank"
+    finally:
+        job.kill()
+        for pid in helpers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

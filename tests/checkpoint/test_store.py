@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_commit_renames_then_points_latest(tmp_path):
     second = _fake_save(root, 4)
     assert open(os.path.join(root, store.LATEST)).read().strip() == "iter_0000004"
     assert not os.path.exists(store.temporary_path(second))
-    assert store.read_manifest(first)["files"] == {"__0_0.distcp": 100, "common.pt": 10}
+    assert store.read_manifest(first)["files"] == {"__0_0.distcp": {"bytes": 100}, "common.pt": {"bytes": 10}}
     assert store.newest_complete(root) == second
 
 
@@ -76,3 +77,65 @@ def test_step_names():
     assert store.step_of("/a/b/iter_0001234") == 1234
     assert store.step_of("/a/b/iter_0001234.tmp") is None
     assert store.step_of("latest") is None
+
+
+def _fake_save_with_checksums(root, step: int) -> str:
+    final = os.path.join(root, store.step_dir_name(step))
+    tmp = store.temporary_path(final)
+    os.makedirs(tmp)
+    for name, content in (("__0_0.distcp", b"a" * 64), ("common.pt", b"b" * 8)):
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(content)
+    checksums = {name: store.file_crc32(os.path.join(tmp, name)) for name in store.list_files(tmp)}
+    store.write_manifest(tmp, step, {}, checksums)
+    store.commit(tmp, final)
+    return final
+
+
+def test_a_file_corrupted_in_place_fails_its_checksum_by_name(tmp_path):
+    folder = _fake_save_with_checksums(str(tmp_path), 2)
+    assert store.problems(folder, checksums=True) == []
+    shard = os.path.join(folder, "__0_0.distcp")
+    with open(shard, "r+b") as f:  # same size, other bytes
+        f.seek(10)
+        f.write(b"Z")
+    assert store.problems(folder) == []  # sizes alone cannot see it
+    assert store.problems(folder, checksums=True) == [f"{shard} does not match its checksum (corrupted in place)"]
+    # Each rank checks its share: the shares cover every file once.
+    names = store.manifest_names(folder)
+    assert sorted(n for r in range(3) for n in store.share(names, r, 3)) == names
+
+
+def test_latest_decides_where_a_restart_continues(tmp_path):
+    root = str(tmp_path)
+    folders = [_fake_save(root, step) for step in (2, 4, 6)]
+    assert store.resume_line(root) == (folders[::-1], [])
+    # latest edited by hand to an older checkpoint: a rollback, and the later ones are the abandoned line.
+    time.sleep(0.01)
+    store.write_latest(root, "iter_0000004")
+    assert store.resume_line(root) == ([folders[1], folders[0]], [folders[2]])
+    moved = store.roll_back(root, folders[1], [folders[2]])
+    assert [os.path.basename(p) for p in store.committed(root)] == ["iter_0000002", "iter_0000004"]
+    assert os.path.isdir(moved[0]) and store.problems(moved[0]) == []  # kept, complete, out of the way
+    assert store.rollback_done(root, folders[1])["set_aside"] == moved
+    assert store.rollback_done(root, folders[0]) is None
+
+
+def test_a_commit_that_died_before_updating_latest_is_still_the_newest(tmp_path):
+    root = str(tmp_path)
+    _fake_save(root, 2)
+    newer = _fake_save(root, 4, commit=False)
+    time.sleep(0.01)
+    os.rename(store.temporary_path(newer), newer)  # renamed, and killed before writing latest
+    assert store.read_latest(root) == os.path.join(root, "iter_0000002")
+    assert store.resume_line(root)[0][0] == newer and store.resume_line(root)[1] == []
+
+
+def test_saving_a_step_again_sets_the_old_folder_aside(tmp_path):
+    root = str(tmp_path)
+    first = _fake_save(root, 2)
+    with open(os.path.join(first, "marker"), "w") as f:
+        f.write("old line")
+    _fake_save(root, 2)
+    kept = [os.path.join(p, n) for p, _, names in os.walk(os.path.join(root, store.SET_ASIDE)) for n in names]
+    assert any(path.endswith("iter_0000002/marker") for path in kept)

@@ -44,7 +44,7 @@ def _convert_process(*args: str) -> subprocess.CompletedProcess:
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    """The command's ``main`` in this process (no second megatron-core import); stderr captured."""
+    """The command's ``main`` in this process (no second megatron-core import); stdout and stderr captured."""
     import contextlib
     import importlib.util
     import io
@@ -52,10 +52,10 @@ def _convert(*args: str) -> subprocess.CompletedProcess:
     spec = importlib.util.spec_from_file_location("convert_checkpoint", CONVERT[1])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = module.main(list(args))
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ TINY = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml
 
 def problems(overrides):
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, overrides)
+        load_config(TINY, [*overrides, "data.synthetic=false"])
     return e.value.problems
 
 
@@ -57,7 +57,7 @@ def test_split_that_empties_a_needed_part(byte_datasets):
     assert found == [f"data.split: '996,2,2' leaves the valid part of {b} (120 documents) empty. Fix: give valid "
                      "a larger share, or add documents"]
     # Without evaluation the same split is fine, and an empty test part never matters.
-    load_config(TINY, [f"data.paths=[{a},{b}]", "data.split=996,2,2"])
+    load_config(TINY, [f"data.paths=[{a},{b}]", "data.split=996,2,2", "data.synthetic=false"])
     # A zero validation weight with evaluation on is refused without opening any file.
     assert problems(["data.split=100,0,0", "train.eval_interval=5"])[0].startswith(
         "data.split: '100,0,0' gives the validation split no documents")

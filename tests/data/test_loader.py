@@ -17,7 +17,7 @@ STEPS, RESUME_AT = 6, 4
 
 
 def _setup(tmp: str, paths, overrides=()):
-    cfg = load_config(TINY, [f"data.paths=[{','.join(paths)}]", f"train.iters={STEPS}", "model.seq_length=32",
+    cfg = load_config(TINY, [f"data.paths=[{','.join(paths)}]", "data.synthetic=false", f"train.iters={STEPS}", "model.seq_length=32",
                              f"run.dir={tmp}", *overrides])
     env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
     train, _ = build_datasets(cfg, env)

@@ -62,7 +62,9 @@ def test_round_trip(tmp_path, spm_model, kind, tokenizer_type, append_eod):
     tokenizer = build_tokenizer("byte" if tokenizer_type == "ByteTokenizer" else "sentencepiece", spm_model)
     prefix = dataset_prefix(str(tmp_path / "out"), "text")
     assert summary.prefixes == {"text": prefix}
-    assert _files(tmp_path) == ["out_text_document.bin", "out_text_document.idx"]
+    assert _files(tmp_path) == ["out_text_document.bin", "out_text_document.idx", "out_text_document.tokenizer.json"]
+    record = json.loads((tmp_path / "out_text_document.tokenizer.json").read_text())
+    assert record["type"] == tokenizer.kind and record["eod_appended"] == append_eod
 
     expected = [tokenizer.tokenize(text) + ([tokenizer.eod] if append_eod else []) for text in DOCUMENTS]
     stored = _read(prefix)
@@ -107,19 +109,23 @@ def _bad_inputs(folder) -> list:
     (folder / "src" / "a.py").write_text("good = 3\n")
     (folder / "src" / "b.py").write_bytes(b"x = 1\n\xff\n")
     (folder / "src" / "c.py").write_text("  \n")
+    (folder / "src" / "d.py").write_text("")
     return [str(jsonl), str(folder / "src")]
 
 
 def test_bad_input_is_skipped_and_listed(tmp_path):
     paths = _bad_inputs(tmp_path)
     summary = preprocess(paths, str(tmp_path / "out"), tokenizer_type="byte", on_error="skip", progress=False)
-    assert [bytes(t).decode() for t in _read(summary.prefixes["text"])] == ["good one", "good two", "good = 3\n"]
-    assert summary.skipped.counts == {INVALID_JSON: 1, MISSING_KEY: 1, EMPTY: 2, INVALID_UTF8: 2}
+    assert [bytes(t).decode() for t in _read(summary.prefixes["text"])] == [
+        "good one", "good two", "good = 3\n", "  \n"]  # whitespace is text
+    assert summary.skipped.counts == {INVALID_JSON: 1, MISSING_KEY: 1, INVALID_UTF8: 2}
+    assert summary.empty.counts == {EMPTY: 2}
     jsonl, src = paths
     listed = summary.format()
     for where in [f"{jsonl}:2: {INVALID_JSON}", f"{jsonl}:3: {MISSING_KEY}", f"{jsonl}:4: {EMPTY}",
-                  f"{jsonl}:6: {INVALID_UTF8}", f"{src}/b.py:2: {INVALID_UTF8}", f"{src}/c.py: {EMPTY}"]:
+                  f"{jsonl}:6: {INVALID_UTF8}", f"{src}/b.py:2: {INVALID_UTF8}", f"{src}/d.py: {EMPTY}"]:
         assert where in listed
+    assert "empty documents dropped: 2 records" in listed
 
 
 def test_bad_input_fails_naming_file_and_line_and_leaves_nothing(tmp_path):
@@ -194,3 +200,85 @@ def test_cli(tmp_path, spm_model):
     assert runs[1].returncode == 2
     assert f"error: {bad}:3: {INVALID_JSON}" in bad_err and "Traceback" not in bad_err
     assert not any(name.startswith("bad_") for name in os.listdir(tmp_path))
+
+
+def _run_tool(*args: str) -> int:
+    """tools/preprocess_data.py's ``main`` in this process (its argument parsing included)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(REPO, "tools", "preprocess_data.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
+def test_megatron_lms_sentencepiece_tokenizer_names_mean_what_they_mean_there(tmp_path, spm_model):
+    """GPTSentencePieceTokenizer encodes as SentencePieceTokenizer does (byte-identical files); Llama2Tokenizer
+    also starts every document with the model's BOS, as Megatron-LM's ``_Llama2Tokenizer.tokenize`` does."""
+    corpus = write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS[:20])
+    outputs = {}
+    for name in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        code = _run_tool("--input", corpus, "--output-prefix", str(tmp_path / name), "--tokenizer-type", name,
+                         "--tokenizer-model", spm_model, "--append-eod", "--workers", "1")
+        assert code == 0, name
+        outputs[name] = dataset_prefix(str(tmp_path / name), "text")
+    plain = outputs["SentencePieceTokenizer"]
+    for suffix in (".bin", ".idx"):
+        with open(plain + suffix, "rb") as a, open(outputs["GPTSentencePieceTokenizer"] + suffix, "rb") as b:
+            assert a.read() == b.read(), suffix
+    bos = build_tokenizer("sentencepiece", spm_model).bos
+    assert bos >= 0
+    assert _read(outputs["Llama2Tokenizer"]) == [[bos, *document] for document in _read(plain)]
+
+
+def test_empty_documents_are_dropped_by_default_and_no_documents_is_an_error(tmp_path):
+    """An empty __init__.py is ordinary in code: dropped and counted under the default --on-error fail. Input
+    with no document at all would be a 0-document dataset: an error, and nothing is written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "__init__.py").write_text("")
+    (src / "a.py").write_text("x = 1\n")
+    code = _run_tool("--input", str(src), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "byte",
+                     "--workers", "1")
+    assert code == 0 and [bytes(t).decode() for t in _read(dataset_prefix(str(tmp_path / "out"), "text"))] == ["x = 1\n"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no documents to write"):
+        preprocess([str(empty)], str(tmp_path / "none"), tokenizer_type="byte", progress=False)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("none")]
+
+
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    prefix = dataset_prefix(str(tmp_path / "out"), "text")
+    stale = [f"{prefix}.tmp-{dead.pid}.bin", f"{prefix}.tmp-{dead.pid}.idx"]
+    for path in stale:
+        open(path, "wb").close()
+    preprocess([write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS[:3])], str(tmp_path / "out"), tokenizer_type="byte",
+               progress=False)
+    assert not any(os.path.exists(path) for path in stale)
+    assert f"removed {stale[0]}: left by a preprocessing run that did not finish" in capsys.readouterr().err
+
+
+def test_data_made_with_another_tokenizer_of_the_same_size_is_refused_at_load(tmp_path, spm_model):
+    """preprocess_data records the tokenizer beside each dataset; a training config with another tokenizer of
+    the same vocabulary size fails naming the dataset; a dataset without the record (Megatron-LM's tool) loads
+    with a notice."""
+    from mtp_megatron.config import ConfigError, load_config
+
+    other = train_tokenizer([write_jsonl(tmp_path / "other.jsonl", make_documents(300, seed=9))],
+                            str(tmp_path / "other"), 512).model_path
+    assert build_tokenizer("sentencepiece", other).vocab_size == build_tokenizer("sentencepiece", spm_model).vocab_size
+    corpus = write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
+    assert _run_tool("--input", corpus, "--output-prefix", str(tmp_path / "out"), "--tokenizer-model", spm_model,
+                     "--append-eod", "--workers", "1") == 0
+    prefix = dataset_prefix(str(tmp_path / "out"), "text")
+    tiny = os.path.join(REPO, "configs", "tiny.yaml")
+    common = ["data.synthetic=false", f"data.paths=[{prefix}]", "data.split=1,0,0"]
+    load_config(tiny, [*common, f"tokenizer.model={spm_model}"])  # the right tokenizer loads
+    with pytest.raises(ConfigError) as error:
+        load_config(tiny, [*common, f"tokenizer.model={other}"])
+    assert f"{prefix} was tokenized with sentencepiece tokenizer {spm_model}" in str(error.value)
+    os.remove(prefix + ".tokenizer.json")
+    load_config(tiny, [*common, f"tokenizer.model={other}"])  # unrecorded: cannot be checked, not refused

@@ -84,10 +84,7 @@ BAD = [
     ("string.jsonl", b'{"text": "ok"}\n{"text": 7}\n', 2, NOT_A_STRING),
     ("utf8.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2, INVALID_UTF8),
     ("surrogate.jsonl", b'{"text": "ok"}\n{"text": "\\udc80 lone"}\n', 2, INVALID_UTF8),
-    ("empty.jsonl", b'{"text": "ok"}\n{"text": " \\n\\t"}\n', 2, EMPTY),
-    ("gz.jsonl.gz", gzip.compress(b'{"text": "ok"}\n{"text": ""}\n'), 2, EMPTY),
     ("utf8.py", b"x = 1\ny = '\xff'\n", 2, INVALID_UTF8),
-    ("empty.py", b"\n\n", None, EMPTY),
 ]
 
 
@@ -112,6 +109,18 @@ def test_bad_records_are_skipped_and_listed(tmp_path, name, data, line, reason):
     [skipped] = reader.skipped.first
     assert (skipped.path, skipped.line, skipped.reason) == (path, line, reason)
     assert str(skipped) in reader.skipped.format()
+
+
+def test_empty_documents_are_dropped_and_counted_whatever_the_policy(tmp_path):
+    """Empty files and empty JSONL texts hold no tokens: dropped and counted, never an error; whitespace is text."""
+    files = [_write(tmp_path / "src" / "__init__.py", b""), _write(tmp_path / "src" / "blank.py", b"\n\n"),
+             _write(tmp_path / "a.jsonl", b'{"text": "ok"}\n{"text": ""}\n{"text": " \\n\\t"}\n'),
+             _write(tmp_path / "b.jsonl.gz", gzip.compress(b'{"text": ""}\n'))]
+    for policy in ("fail", "skip"):
+        reader = DocumentReader([str(tmp_path / "src"), *files[2:]], on_error=policy)
+        assert [d.texts[0] for d in reader] == ["\n\n", "ok", " \n\t"]
+        assert reader.empty.counts == {EMPTY: 3} and reader.skipped.total == 0
+        assert [(s.path, s.line) for s in reader.empty.first] == [(files[0], None), (files[2], 2), (files[3], 1)]
 
 
 def test_skip_log_lists_the_first_records_and_counts_all():

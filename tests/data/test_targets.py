@@ -3,7 +3,7 @@ documents are masked from each other."""
 
 import torch
 
-from mtp_megatron.model.heads import shift_targets
+from mtp_megatron.model.targets import shift_targets
 
 E = 99  # EOD
 # tokens = [x, 10, 11, 12, E, 20, 21, E]: documents ...10 11 12 E | 20 21 E; labels[t] = tokens[t+1].

@@ -26,7 +26,7 @@ def periodic_documents(count: int, eod: int) -> list:
 
 def _train(run_dir: str, data: str) -> None:
     train(load_config(os.path.join(REPO, "configs/tiny.yaml"), [
-        *TINY, "train.iters=30", f"run.dir={run_dir}", f"data.paths=[{data}]",
+        *TINY, "train.iters=30", f"run.dir={run_dir}", f"data.paths=[{data}]", "data.synthetic=false",
         f"data.cache_dir={run_dir}/cache"]))
 
 

@@ -25,7 +25,8 @@ def _load(name: str):
 @pytest.fixture
 def torchrun_launcher(monkeypatch):
     for name in ("NNODES", "SLURM_NNODES", "NODE_RANK", "SLURM_NODEID", "NPROC_PER_NODE", "MASTER_ADDR",
-                 "MASTER_PORT", "RDZV_ID", "SLURM_JOB_ID", "MAX_RESTARTS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
+                 "MASTER_PORT", "RDZV_ID", "RDZV_TIMEOUT", "SLURM_JOB_ID", "MAX_RESTARTS",
+                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
         monkeypatch.delenv(name, raising=False)
     return _load("torchrun")
 
@@ -40,7 +41,7 @@ def test_torchrun_command_from_slurm_environment(torchrun_launcher, monkeypatch)
     cmd = torchrun_launcher.torchrun_command(args, train_args)
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     for flag in ("--nnodes=16", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node001:29500",
-                 "--rdzv-id=4242", "--rdzv-conf=is_host=false", "--max-restarts=0"):
+                 "--rdzv-id=4242", "--rdzv-conf=is_host=false,join_timeout=900", "--max-restarts=0"):
         assert flag in cmd
     assert cmd[-5:] == ["-m", "mtp_megatron.train", "--config", "configs/13b.yaml", "train.iters=5"]
     env = torchrun_launcher.launch_environment(args)
@@ -52,9 +53,10 @@ def test_torchrun_arguments_win_over_environment(torchrun_launcher, monkeypatch)
     monkeypatch.setenv("SLURM_NNODES", "16")
     args, _ = torchrun_launcher.parse_args(["--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "4",
                                             "--master-addr", "10.0.0.1", "--master-port", "6000",
-                                            "--max-restarts", "3"])
+                                            "--max-restarts", "3", "--rdzv-timeout", "30"])
     cmd = torchrun_launcher.torchrun_command(args, [])
-    assert "--nnodes=2" in cmd and "--rdzv-endpoint=10.0.0.1:6000" in cmd and "--rdzv-conf=is_host=true" in cmd
+    assert "--nnodes=2" in cmd and "--rdzv-endpoint=10.0.0.1:6000" in cmd
+    assert "--rdzv-conf=is_host=true,join_timeout=30" in cmd
     assert torchrun_launcher.launch_environment(args)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 

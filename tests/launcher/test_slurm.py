@@ -143,3 +143,41 @@ def test_a_failed_run_is_not_requeued(cluster, tmp_path):
     text = log(tmp_path, "run", job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text)
     assert "train.no_such_field" in text and "requeueing" not in text
+
+
+def _training_rank(run_dir: str, rank: int):
+    """The pid of training rank ``rank`` of the run in ``run_dir`` (its command line names the folder)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            environ = dict(item.split(b"=", 1) for item in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                           if b"=" in item)
+        except OSError:
+            continue
+        if b"mtp_megatron.train" in cmdline and f"run.dir={run_dir}".encode() in cmdline and \
+                environ.get(b"RANK") == str(rank).encode() and b"TORCHELASTIC_RUN_ID" in environ:
+            return int(pid)
+    return None
+
+
+def test_a_killed_rank_0_leaves_a_failed_run_state(cluster, tmp_path):
+    """Rank 0, which writes run_state.json, is SIGKILLed mid-run: the batch script says failed, not running,
+    and does not requeue."""
+    import signal
+
+    job, run_dir = submit(cluster, tmp_path, nodes=1, overrides=TINY.replace(f"train.iters={ITERS}", "train.iters=500"))
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    pid = None
+    while time.monotonic() < deadline:
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            pid = _training_rank(run_dir, 0)
+            if pid:
+                break
+        time.sleep(0.5)
+    assert pid, log(tmp_path, "run", job)
+    os.kill(pid, signal.SIGKILL)
+    info = cluster.wait(job, JOB_TIMEOUT_S)
+    text = log(tmp_path, "run", job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text)
+    state = run_state(run_dir)
+    assert state["state"] == "failed" and "while the run was running" in state["reason"], (state, text)

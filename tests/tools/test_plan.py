@@ -194,3 +194,11 @@ def test_a_layout_the_world_cannot_hold_is_exit_2(capsys):
     args = ["--config", TINY, "--nodes", "1", "--gpus-per-node", "4", "--gpu-memory-gb", "1", "parallel.tp=8"]
     assert _cli().main(args) == 2  # 4 GPUs cannot hold tp 8
     assert "error: invalid configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokens", ["-1e12", "0", "nan", "inf"])
+def test_a_token_budget_that_is_not_positive_is_exit_2(tokens, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _cli().main(["--config", TINY, "--nodes", "1", "--gpus-per-node", "4", "--gpu-memory-gb", "1",
+                     f"--tokens={tokens}"])
+    assert exit_.value.code == 2 and "--tokens must be a positive number" in capsys.readouterr().err

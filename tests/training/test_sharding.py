@@ -160,3 +160,13 @@ def test_weights_load_into_every_sharding(tmp_path):
     must be refreshed from the loaded weights, or the first update would start from the initial ones."""
     losses = run_distributed(finetune_into_each, 2, str(tmp_path), ["none", "zero3"])[0]
     _assert_same_losses(losses, "none")
+
+
+def test_untested_deepspeed_releases_are_refused_by_name():
+    from mtp_megatron.config import ConfigError
+    from mtp_megatron.training.deepspeed_engine import check_deepspeed_version
+
+    check_deepspeed_version("0.19.8")
+    for version in ("0.19.7", "0.20.0", "0.16.4"):
+        with pytest.raises(ConfigError, match=f"DeepSpeed {version} is installed.*>=0.19.8,<0.20"):
+            check_deepspeed_version(version)

@@ -64,3 +64,33 @@ def test_bad_config_fails_before_any_work(tmp_path):
     result = _run([sys.executable, "-m", "mtp_megatron.train", "--config", "configs/tiny.yaml", "mtp.n_head=2"],
                   timeout=120)
     assert result.returncode == 2 and "did you mean 'mtp.n_heads'" in result.stderr
+
+
+def test_unreadable_configs_are_one_line_each(tmp_path):
+    """A missing --config file and a YAML syntax error (with file, line and column): exit 2, no traceback."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  iters: 3\n  seed: [1, 2\n")
+    cases = {str(tmp_path / "missing.yaml"): "missing.yaml: No such file or directory",
+             str(broken): f"{broken}:4:1: not valid YAML"}
+    for path, expected in cases.items():
+        result = _run([sys.executable, "-m", "mtp_megatron.train", "--config", path], timeout=120)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+def test_a_sequence_that_cannot_be_allocated_is_one_line(tmp_path):
+    """model.seq_length=1e7 under a 6 GB address-space limit: out of memory in the first step, reported as one
+    line naming the settings to change, and run_state.json says failed."""
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 10**9, 6 * 10**9))
+
+    result = _run([sys.executable, "-m", "mtp_megatron.train", "--config", "configs/tiny.yaml",
+                   "model.seq_length=10000000", "train.iters=1", "logging.tensorboard=false", f"run.dir={tmp_path}/run"],
+                  timeout=300, preexec_fn=limit_memory)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "out of memory" in line and "model.seq_length=10000000" in line and "train.micro_batch_size" in line
+    assert json.loads((tmp_path / "run" / "run_state.json").read_text())["state"] == "failed"
