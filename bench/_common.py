@@ -72,6 +72,13 @@ class Variant:
     name: str
     n_heads: int
     sequential: bool
+    megatron_gpt: bool = False
+    """megatron-core's own ``GPTModel`` (n=1, its final norm, output layer and loss) instead of ours."""
+    overrides: tuple = ()
+    """Config overrides of this variant only (e.g. ``train.fused_kernels=false``)."""
+
+
+MEGATRON_GPT = Variant("megatron GPTModel n=1", 1, True, megatron_gpt=True)
 
 
 def variants(n_heads: int) -> list[Variant]:
@@ -88,7 +95,8 @@ def make_config(args, variant: Variant, extra: tuple = ()) -> Config:
         f"model.num_attention_heads={args.attn_heads}",
         f"model.num_layers={args.trunk_layers + 1}",
         f"model.transformer_impl={args.impl}",
-        "mtp.match_params=false",
+        # Heads on top of the same trunk by default; parameter-matched (trunk = num_layers - n) on request.
+        f"mtp.match_params={str(getattr(args, 'match_params', False)).lower()}",
         f"mtp.n_heads={variant.n_heads}",
         f"mtp.sequential_backward={str(variant.sequential).lower()}",
         f"train.micro_batch_size={args.mbs}",
@@ -102,7 +110,7 @@ def make_config(args, variant: Variant, extra: tuple = ()) -> Config:
     ]
     if args.ffn is not None:
         overrides.append(f"model.ffn_hidden_size={args.ffn}")
-    return load_config(None, overrides + list(extra) + list(args.set))
+    return load_config(None, overrides + list(extra) + list(args.set) + list(variant.overrides))
 
 
 _ENV = None
@@ -148,28 +156,57 @@ class Trainer:
     optimizer: object
     scheduler: object
     data: Iterator[dict]
+    megatron_gpt: bool = False
 
     def train_step(self):
         from mtp_megatron.training.step import train_step
 
+        if self.megatron_gpt:  # megatron's own loop body: zero, forward-backward, step
+            self.forward_backward()
+            self.optimizer.step()
+            self.scheduler.step(increment=1)  # one per iteration (training/optimizer.py)
+            return None
         return train_step([self.model], self.optimizer, self.scheduler, self.data, 1, self.cfg, self.env)
 
     def forward_backward(self):
         """One microbatch's forward + backward through megatron-core's schedule, as ``train_step`` runs it."""
-        from mtp_megatron.training.step import run_forward_backward
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from mtp_megatron.training.step import forward_step, run_forward_backward
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = run_forward_backward([self.model], self.data, 1, self.cfg, forward_only=False)
-        return losses
+        if not self.megatron_gpt:
+            return run_forward_backward([self.model], self.data, 1, self.cfg, forward_only=False)
+        return get_forward_backward_func()(
+            forward_step_func=_megatron_gpt_forward_step, data_iterator=self.data, model=[self.model],
+            num_microbatches=1, seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
 
     def head_losses(self, losses) -> list[float]:
         from mtp_megatron.training.step import reduce_head_stats
 
+        if self.megatron_gpt:
+            return [float(losses[0]["loss"])]
         return reduce_head_stats(losses, self.cfg.mtp.n_heads, self.env).head_loss
 
 
-def build_trainer(cfg: Config, max_steps: int) -> Trainer:
+def _megatron_gpt_forward_step(data_iterator, model):
+    """megatron-core's GPTModel returns each token's loss [b, s]; the token mean over the loss mask is the loss."""
+    batch = next(data_iterator)
+    token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+
+    def loss_func(output):
+        mask = batch["loss_mask"].float()
+        loss = (output.float() * mask).sum() / mask.sum()
+        return loss, {"loss": loss.detach()}
+
+    return token_loss, loss_func
+
+
+def build_trainer(cfg: Config, max_steps: int, megatron_gpt: bool = False) -> Trainer:
+    """One variant: ours through ``setup_model_and_optimizer``, or (``megatron_gpt``) megatron-core's GPTModel
+    with the same trunk, wrapped, optimised and scheduled the same way."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from mtp_megatron.data.loader import microbatches
@@ -180,10 +217,36 @@ def build_trainer(cfg: Config, max_steps: int) -> Trainer:
     # n-head variants are identical models (their losses must agree; the benchmarks print them).
     torch.manual_seed(cfg.train.seed)
     model_parallel_cuda_manual_seed(cfg.train.seed)
-    model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
+    if megatron_gpt:
+        model, optimizer, scheduler = _setup_megatron_gpt(cfg, env)
+    else:
+        model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
     samples = max_steps * cfg.train.global_batch_size
     data = microbatches(_dataset(cfg, env, samples), 0, cfg, env)
-    return Trainer(cfg, env, model, optimizer, scheduler, data)
+    return Trainer(cfg, env, model, optimizer, scheduler, data, megatron_gpt)
+
+
+def _setup_megatron_gpt(cfg: Config, env):
+    """megatron-core's ``GPTModel`` of the n=1 model's depth (our trunk + head 1 = ``model.num_layers`` layers), its
+    own final norm, output layer and vocab-parallel cross-entropy; the same layer spec, wrappers and optimizer."""
+    from megatron.core.models.gpt import GPTModel
+
+    from mtp_megatron.model.builder import transformer_config, wrap_model
+    from mtp_megatron.model.specs import layer_and_norm_specs
+    from mtp_megatron.training.loop import connect_schedule_hooks
+    from mtp_megatron.training.optimizer import build_optimizer, build_scheduler
+
+    config = transformer_config(cfg, env.device)
+    config.num_layers = cfg.trunk_num_layers() + 1
+    gpt = GPTModel(config, layer_and_norm_specs(cfg.model, init_seed=cfg.train.seed)[0],
+                   cfg.model.padded_vocab_size(cfg.parallel.tp), cfg.model.seq_length,
+                   share_embeddings_and_output_weights=False, position_embedding_type=cfg.model.position_embedding,
+                   rotary_base=cfg.model.rotary_base, pg_collection=env.groups)
+    model = wrap_model(gpt.to(env.device), cfg, env)
+    optimizer = build_optimizer(cfg, [model], env.groups)
+    scheduler = build_scheduler(cfg, optimizer)
+    connect_schedule_hooks(model, optimizer, cfg)
+    return model, optimizer, scheduler
 
 
 def release(trainer: Optional[Trainer]) -> None:

@@ -10,7 +10,8 @@ and test part with Megatron's 969,30,1 document split, so not trained on), each 
 the acceptance rate of each draft position (head 2, 3, ...: accepted / tried, a position being tried only when
 every earlier draft was accepted), wall-clock time of each way, the speedup, and speedup / tokens per forward
 (how much of the saved forwards survive the verification cost: 1.0 would be free verification). Outputs must be
-identical both ways (the run fails otherwise).
+identical both ways (the run fails otherwise). ``--device``/``--dtype`` as in ``python -m mtp_megatron.generate``
+(auto: the GPU in bf16 when one is visible, else the CPU in fp32).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", category=UserWarning)
 
 from mtp_megatron.convert.formats import read_any  # noqa: E402
-from mtp_megatron.inference.decoder import MTPDecoder  # noqa: E402
+from mtp_megatron.inference.decoder import DTYPES, MTPDecoder, resolve_device_dtype  # noqa: E402
 from mtp_megatron.inference.decoding import greedy, speculative  # noqa: E402
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "quickstart")
@@ -56,23 +57,32 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): cuda when a GPU is visible, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto (default): bf16 on cuda, fp32 on cpu")
     args = parser.parse_args()
+    try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     checkpoint = args.checkpoint or max(glob.glob(os.path.join(QUICKSTART, "checkpoints", "iter_*")), default=None)
     if checkpoint is None or not os.path.exists(args.data + ".idx"):
         print("error: no checkpoint/data: run `bash tools/quickstart.sh` first, or pass --checkpoint and --data",
               file=sys.stderr)
         return 2
-    cfg, dense, _ = read_any(checkpoint)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    with torch.device(args.device):
-        decoder = MTPDecoder(cfg, dense, dtype)
-    prompts = held_out_prompts(args.data, args.prompts, args.prompt_tokens).to(args.device)
-    print(f"checkpoint {checkpoint}: n={cfg.mtp.n_heads} heads, {sum(t.numel() for t in dense.values()):,} "
-          f"parameters; {args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
-          f"each; {args.device}, {args.dtype}, {torch.get_num_threads()} threads")
+    # Ours is read straight onto the device: reading on the CPU would apply the CPU patches to this process
+    # (mtp_megatron/convert/native.py).
+    cfg, dense, _ = read_any(checkpoint, device=device.type)
+    parameters = sum(t.numel() for t in dense.values())
+    decoder = MTPDecoder(cfg, dense, dtype, device)
+    del dense  # the decoder's casts and splits are copies: do not hold the weights twice
+    prompts = held_out_prompts(args.data, args.prompts, args.prompt_tokens).to(device)
+    print(f"checkpoint {checkpoint}: n={cfg.mtp.n_heads} heads, {parameters:,} parameters; {args.prompts} held-out "
+          f"prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each; {device.type}, "
+          f"{next(name for name, d in DTYPES.items() if d == dtype)}, {torch.get_num_threads()} threads")
     speculative(decoder, prompts[:1], 8)  # warm-up
     print("| batch | tokens/forward | acceptance by draft position | greedy s | speculative s | speedup | "
           "speedup / tokens per forward |")

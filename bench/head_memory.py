@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import gc
 import os
 import sys
@@ -30,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import (  # noqa: E402
+    MEGATRON_GPT,
     MiB,
     add_shape_args,
     build_trainer,
@@ -91,7 +93,7 @@ def _profiler_peak(prof, device_type: str) -> tuple[int, int, int]:
 
 def measure(args, variant) -> dict:
     cfg = make_config(args, variant)
-    trainer = build_trainer(cfg, max_steps=1 + args.warmup + 1)
+    trainer = build_trainer(cfg, max_steps=1 + args.warmup + 1, megatron_gpt=variant.megatron_gpt)
     device = trainer.env.device
     for _ in range(args.warmup):  # full train steps: creates the optimizer state and warms up every code path
         trainer.train_step()
@@ -136,6 +138,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_args(parser, trunk_layers=2, seq=1024)
     parser.add_argument("--warmup", type=int, default=1, help="full train steps before the measured one (default 1)")
+    parser.add_argument("--megatron-gpt", action="store_true",
+                        help="also measure megatron-core's own GPTModel (n=1) on the same trunk: its final norm, "
+                             "output layer and vocab-parallel cross-entropy")
     parser.add_argument("--target", type=float, default=1.05,
                         help="goal for the sequential/n=1 peak ratio; exit 2 when it is missed (default 1.05)")
     args = parser.parse_args(argv)
@@ -145,7 +150,8 @@ def main(argv=None) -> int:
     cpu_rss = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     mmap_fixed = _fix_glibc_mmap_threshold() if cpu_rss else False
 
-    results = [measure(args, v) for v in variants(args.n_heads)]
+    chosen = variants(args.n_heads) + ([MEGATRON_GPT] if args.megatron_gpt else [])
+    results = [measure(args, v) for v in chosen]
     device, dtype = results[0]["device"], results[0]["dtype"]
     n = args.n_heads
     base = results[0]
@@ -209,6 +215,17 @@ def main(argv=None) -> int:
           f"(goal <= {args.target:.2f}x: {'met' if seq_ratio <= args.target else 'MISSED'}); "
           f"naive and sequential per-head losses agree: {'yes' if same else 'NO'} "
           f"({', '.join(f'{x:.5f}' for x in seq['head_loss'])})")
+    summary = {"vocab": args.vocab, "seq": args.seq, "device": str(device), "dtype": str(dtype),
+               "peak_mib": {r["variant"]: r["peak"] / MiB for r in results},
+               "sequential_over_n1": seq_ratio, "naive_over_n1": naive_ratio, "losses_agree": same}
+    if args.megatron_gpt:
+        gpt = results[3]
+        summary["sequential_over_megatron_gpt"] = seq["peak"] / gpt["peak"]
+        summary["n1_over_megatron_gpt"] = base["peak"] / gpt["peak"]
+        print(f"n={n} sequential / megatron GPTModel n=1 = {seq['peak'] / gpt['peak']:.3f}x; our n=1 / megatron "
+              f"GPTModel n=1 = {base['peak'] / gpt['peak']:.3f}x (head-1 loss {base['head_loss'][0]:.5f} vs "
+              f"{gpt['head_loss'][0]:.5f})")
+    print(json.dumps(summary))
     shutdown()
     return 0 if seq_ratio <= args.target and same else 2
 

@@ -9,12 +9,18 @@ the OS gives it) and broadcasts them, and the ranks are mapped onto torchrun's v
 LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) before ``mtp_megatron.train`` starts. MPI itself only
 carries this handshake; training talks NCCL on GPU and gloo on CPU. The arguments are mtp_megatron.train's.
 
+Before MPI starts, the CUDA variables the run needs are set in this process's environment (CUDA_DEVICE_MAX_CONNECTIONS=1
+for tensor parallelism, mtp_megatron/distributed/cuda_env.py): a CUDA-aware MPI may initialise CUDA in MPI_Init,
+and the CUDA runtime reads them only when it does. mtp_megatron.train checks them again (and warns about a value
+that differs).
+
 Without mpi4py, or with an mpi4py that cannot load an MPI library, it exits 2 with one line saying what to install
 (said by MPI rank 0 only, which the MPI launcher's own environment names).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import sys
@@ -81,7 +87,29 @@ def map_mpi_ranks() -> dict[str, str]:
     return {key: str(value) for key, value in variables.items()}
 
 
+def set_cuda_environment(train_args: list[str]) -> None:
+    """The CUDA variables the run of ``train_args`` needs, where unset (mtp_megatron/distributed/cuda_env.py). A
+    config that does not load is left for mtp_megatron.train to report, with its own exit code."""
+    import yaml
+
+    from mtp_megatron.config import ConfigError, load_config
+    from mtp_megatron.distributed.cuda_env import launch_variables
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*")
+    known, _ = parser.parse_known_args(train_args)
+    try:
+        cfg = load_config(known.config, known.overrides)
+    except (ConfigError, OSError, yaml.YAMLError):
+        return
+    for name, value in launch_variables(cfg).items():
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    train_args = sys.argv[1:] if argv is None else argv
+    set_cuda_environment(train_args)  # before MPI_Init (map_mpi_ranks)
     try:
         os.environ.update(map_mpi_ranks())
     except MPIUnavailable as error:
@@ -90,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mtp_megatron.train import main as train_main
 
-    return train_main(sys.argv[1:] if argv is None else argv)
+    return train_main(train_args)
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing's spawned helper re-imports this module

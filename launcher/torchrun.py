@@ -37,6 +37,8 @@ What it sets up around torchrun, and why:
 * SIGTERM and SIGUSR1 reach the training processes themselves, which save a checkpoint at the next step boundary
   and exit 0 (mtp_megatron/training/stopping.py): torchrun ignores both, instead of tearing its workers down on
   SIGTERM (``TORCHELASTIC_SIGNALS_TO_HANDLE``) or dying of SIGUSR1 (its default action);
+* ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for a tensor-parallel run that may use GPUs, unless already set (see
+  mtp_megatron/distributed/cuda_env.py);
 * with ``--max-restarts`` > 0, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: torch 2.13 hands restarted workers the
   first attempt's store, whose stale keys make the new process groups fail (see
   tests/checkpoint/test_fault_tolerance.py).
@@ -152,15 +154,16 @@ def _training_arguments(train_args: list[str]) -> argparse.Namespace | None:
     return known
 
 
-def check_training_config(args: argparse.Namespace, train_args: list[str]) -> None:
-    """Load and validate the config for world size nnodes x nproc-per-node; raises ``LaunchError`` (code 2).
+def check_training_config(args: argparse.Namespace, train_args: list[str]):
+    """Load and validate the config for world size nnodes x nproc-per-node and return it (None when there is
+    nothing to check: help requests, unknown options); raises ``LaunchError`` (code 2).
 
     Node 0 reports the problems; the other nodes find the same ones (same files, same arguments) and say only
     that, so a job's log holds the list once.
     """
     known = _training_arguments(train_args)
     if known is None:
-        return
+        return None
     import yaml
 
     from mtp_megatron.config import ConfigError, load_config, validate_for_training, validate_for_world
@@ -181,6 +184,7 @@ def check_training_config(args: argparse.Namespace, train_args: list[str]) -> No
                           "--config with an existing YAML file (configs/tiny.yaml, configs/13b.yaml, ...)") from None
     except yaml.YAMLError as error:
         raise LaunchError(f"{known.config} is not valid YAML: {' '.join(str(error).split())}") from None
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,11 +381,20 @@ def torchrun_command(args: argparse.Namespace, train_args: list[str]) -> list[st
     ]
 
 
-def launch_environment(args: argparse.Namespace) -> dict[str, str]:
+def launch_environment(args: argparse.Namespace, cfg=None) -> dict[str, str]:
+    """torchrun's environment, which its workers inherit: this one, plus what the launcher and the training config
+    ``cfg`` (``check_training_config``'s) need."""
     env = dict(os.environ)
     env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     if args.max_restarts > 0:
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    if cfg is not None:
+        from mtp_megatron.distributed.cuda_env import launch_variables
+
+        # CUDA_DEVICE_MAX_CONNECTIONS=1 for TP on GPUs, read when each worker creates its CUDA context. A value the
+        # user exported wins; mtp_megatron.train warns about it on rank 0.
+        for name, value in launch_variables(cfg).items():
+            env.setdefault(name, value)
     return env
 
 
@@ -408,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
         who = f"node {args.node_rank} of {args.nnodes}"
-        check_training_config(args, train_args)
+        cfg = check_training_config(args, train_args)
         wait_for_nodes(args)
     except LaunchError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -424,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.execve(cmd[0], cmd, launch_environment(args))
+    os.execve(cmd[0], cmd, launch_environment(args, cfg))
     return 1  # not reached: execve replaces this process or raises
 
 

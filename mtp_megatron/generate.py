@@ -11,6 +11,10 @@ token for token plain greedy's. ``--compare`` decodes both ways, checks they agr
 Printed per prompt: the continuation, up to and including the first EOD (the document ends there; transformers'
 ``generate`` on the exported folder stops there too); at the end one JSON line with tokens per forward,
 acceptance per draft position (heads 2..n), wall-clock times and, with ``--print-ids``, each continuation's ids.
+
+``--device auto`` (the default) decodes on the GPU when one is visible, else on the CPU; ``--dtype auto`` is
+bf16 on a GPU, fp32 on the CPU. Every weight is moved to that device (mtp_megatron/inference/decoder.py), and
+our checkpoints are read straight onto it (mtp_megatron/convert/native.py ``read_checkpoint``).
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--speculative", action="store_true", help="draft with heads 2..n, verify in one forward")
     parser.add_argument("--compare", action="store_true", help="decode plainly and speculatively; report speedup")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the checkpoint's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): cuda when a GPU is visible, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp64"],
+                        help="auto (default): bf16 on cuda, fp32 on cpu")
     parser.add_argument("--print-ids", action="store_true", help="add each continuation's token ids to the JSON line")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -44,17 +50,17 @@ def main(argv=None) -> int:
     from mtp_megatron.checkpoint.store import CheckpointError
     from mtp_megatron.convert.formats import read_any
     from mtp_megatron.data.tokenizer import build_tokenizer
-    from mtp_megatron.inference.decoder import MTPDecoder
+    from mtp_megatron.inference.decoder import MTPDecoder, resolve_device_dtype
     from mtp_megatron.inference.decoding import greedy, speculative
 
     try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)  # a missing GPU is refused before reading
         # Tied Hugging Face embeddings are untied as a copy: the same function, and decoding trains nothing.
-        cfg, dense, tokenizer_model = read_any(args.checkpoint, untie_embeddings=True)
+        cfg, dense, tokenizer_model = read_any(args.checkpoint, untie_embeddings=True, device=device.type)
         tokenizer_model = args.tokenizer or tokenizer_model
         tokenizer = build_tokenizer("sentencepiece" if tokenizer_model else "byte", tokenizer_model)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
-        with torch.device(args.device):
-            decoder = MTPDecoder(cfg, dense, dtype)
+        decoder = MTPDecoder(cfg, dense, dtype, device)
+        del dense  # what the decoder cast or split is a copy: do not hold the weights twice
     except (ValueError, KeyError, FileNotFoundError, CheckpointError) as error:  # each names what is wrong
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
     totals = {mode: {"tokens": 0, "forwards": 0, "seconds": 0.0, "accepted": None} for mode in modes}
     continuations = []
     for text, prompt in zip(texts, prompts):
-        ids = torch.tensor([prompt], device=args.device)
+        ids = torch.tensor([prompt], device=device)
         outputs = {}
         for mode in modes:
             out, stats = (speculative if mode == "speculative" else greedy)(decoder, ids, args.max_new_tokens)

@@ -58,7 +58,7 @@ def train(cfg: Config):
             state = checkpointer.restore()
             if env.rank == 0:
                 clear_stop_file(stop_file)  # served by the stop that wrote the checkpoint this run resumes from
-            record_run(cfg, model, env.rank)
+            record_run(cfg, model, env.rank, env.device)
 
             train_data, valid_data = build_datasets(cfg, env)
 
@@ -78,9 +78,10 @@ def train(cfg: Config):
 
 # Known, harmless notices that every rank would print at start (megatron-core 0.16 and torch 2.13): optional
 # fused kernels that are absent, and deprecations inside megatron-core's own calls. Anything else still shows.
+# megatron's advice to set CUDA_DEVICE_MAX_CONNECTIONS is not among them: runs that need it get it
+# (distributed/cuda_env.py), so on CUDA it only shows where a user's own value overrides ours.
 _KNOWN_NOTICES = [
     (UserWarning, r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed"),
-    (UserWarning, r".*CUDA_DEVICE_MAX_CONNECTIONS"),
     (UserWarning, r"full scope is deprecated"),
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf"),  # the pipeline's p2p buffers
     (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),
@@ -90,6 +91,16 @@ _KNOWN_NOTICES = [
 def _silence_known_notices() -> None:
     for category, message in _KNOWN_NOTICES:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def prepare_cuda_environment(cfg: Config) -> None:
+    """Before any CUDA work (the context is created in ``init_distributed``): the environment variables the run
+    needs (distributed/cuda_env.py), set where unset, a warning on rank 0 where set otherwise."""
+    from mtp_megatron.distributed import cuda_env
+
+    cuda_env.apply_launch_variables(cfg)
+    if not cuda_env.may_use_cuda(cfg):  # megatron's CUDA_DEVICE_MAX_CONNECTIONS advice means nothing on CPU
+        warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
 
 
 def main(argv=None) -> int:
@@ -118,6 +129,7 @@ def main(argv=None) -> int:
     except ConfigError as error:
         _report(error)
         return 2
+    prepare_cuda_environment(cfg)
     from mtp_megatron.checkpoint.store import CheckpointError, SaveError
     from mtp_megatron.training.loop import NonFiniteStepError
     from mtp_megatron.training.run_lock import RunLockedError

@@ -64,6 +64,8 @@ RESTARTS=${SLURM_RESTART_COUNT:-0}
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR=$(scontrol show node "$first_node" | grep -oE 'NodeAddr=[^ ]+' | cut -d= -f2)
 export MASTER_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# CUDA_DEVICE_MAX_CONNECTIONS=1 (tensor parallelism) is exported by launcher/torchrun.py, which slurm/entrypoint.sh
+# runs on every node (mtp_megatron/distributed/cuda_env.py); one exported in SETUP wins, with a warning at start.
 
 mkdir -p "$RUN_DIR"
 echo "[slurm] job $SLURM_JOB_ID (restart $RESTARTS): $SLURM_JOB_NUM_NODES nodes x $RANKS_PER_NODE ranks," \

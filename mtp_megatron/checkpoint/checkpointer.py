@@ -14,6 +14,12 @@ Under DeepSpeed ZeRO (``parallel.sharding=zero1|2|3``) the model and the common 
 (so they reshard, and tools read them alike; ZeRO-3 gathers each TP shard for it), and DeepSpeed's engine writes
 its optimizer partitions beside them in ``deepspeed/``, loadable at the layout they were saved with.
 
+A checkpoint and the model loading it may differ in their ``_extra_state`` objects alone, which are skipped:
+Transformer Engine's layers keep their FP8 scaling metadata there (its norms too, where local norms have none),
+megatron-core's local linears an empty one, and neither needs the other's; their weights have the same keys
+(model/specs.py). Any other key that the checkpoint holds and no rank asks for, or that a rank asks for and the
+checkpoint lacks, is an error naming it: no weight is dropped silently.
+
 Folder handling (temporary name, commit, ``latest``, pruning) is in checkpoint/store.py.
 """
 
@@ -36,6 +42,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
@@ -192,6 +199,26 @@ def _all_finite(model, device) -> bool:
             break
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bad.item()
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith("_extra_state")
+
+
+def key_mismatches(in_checkpoint_only: set, requested_only: set, optimizer_requested: bool,
+                   rng_requested: bool) -> list[str]:
+    """What a load must not skip: the sharded keys the checkpoint holds and no rank requested (the parts of the
+    checkpoint this load does not ask for aside: optimizer state, RNG states), and those requested but absent;
+    ``_extra_state`` objects are not counted (see the module docstring)."""
+    def not_asked_for(key: str) -> bool:
+        return ((key.startswith("optimizer.") and not optimizer_requested)
+                or (key == "rng_state" and not rng_requested))
+
+    found = [f"{key}: in the checkpoint, and nothing in this run loads it" for key in sorted(in_checkpoint_only)
+             if not _is_extra_state(key) and not not_asked_for(key)]
+    found += [f"{key}: this model's, and not in the checkpoint" for key in sorted(requested_only)
+              if not _is_extra_state(key)]
+    return found
 
 
 def read_meta(path: str) -> dict:
@@ -536,10 +563,24 @@ class Checkpointer:
             sharded = self._sharded_state_dict(is_loading=True, with_optimizer=with_optimizer,
                                                with_rng=with_optimizer and same_layout)
             try:
-                loaded = dist_checkpointing.load(sharded, path)
+                # RETURN_ALL: megatron reports both kinds of mismatch (and leaves requested keys that are absent
+                # out of the load) instead of ignoring keys that no rank asks for; key_mismatches judges them.
+                loaded, in_checkpoint_only, requested_only = dist_checkpointing.load(
+                    sharded, path, strict=StrictHandling.RETURN_ALL)
             except Exception as error:  # megatron-core and torch raise many kinds; keep the cause chained
                 raise CheckpointError(f"reading checkpoint {path} failed: {type(error).__name__}: {error}") from error
-            self.module.load_state_dict(loaded["model"])
+            mismatches = key_mismatches(in_checkpoint_only, requested_only, "optimizer" in sharded,
+                                        "rng_state" in sharded)
+            if not mismatches:
+                # strict=False: a requested _extra_state that the checkpoint lacks keeps the module's own.
+                result = self.module.load_state_dict(loaded["model"], strict=False)
+                mismatches = [f"{key}: not loaded into this model" for key in [*result.missing_keys,
+                                                                                *result.unexpected_keys]
+                              if not _is_extra_state(key)]
+            if mismatches:
+                raise CheckpointError(f"checkpoint {path} does not hold this model's weights:\n  - "
+                                      + "\n  - ".join(mismatches) + "\nFix: load it with the model settings it "
+                                      "was saved with (its config.yaml), or convert it (tools/convert_checkpoint.py).")
         if not with_optimizer:
             if self.deepspeed and self.optimizer is not None:
                 self.optimizer.refresh_fp32_params()  # ZeRO's fp32 master partitions from the loaded weights

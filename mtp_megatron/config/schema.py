@@ -93,8 +93,9 @@ class ModelConfig:
     """Add biases to the linear layers. False as in Llama."""
 
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    """Layer implementation: megatron-core's local (pure PyTorch) modules or Transformer Engine's fused ones. auto
-    = Transformer Engine when it is installed and a GPU is used, else local."""
+    """Layer implementation: megatron-core's local (pure PyTorch) modules or Transformer Engine's fused ones (CUDA
+    only). auto = Transformer Engine when it is installed and the model runs on CUDA, else local (CPU runs, and the
+    converters, which build on the CPU). Both save the same checkpoint keys, so either loads the other's."""
 
     def resolved_ffn_hidden_size(self) -> int:
         """The MLP width actually used, applying the defaults described on ``ffn_hidden_size``."""
@@ -295,6 +296,11 @@ class TrainConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run. auto = cuda when a GPU is visible, else cpu (gloo)."""
+
+    fused_kernels: bool = True
+    """megatron-core's fused kernels on CUDA where installed and valid (bias-dropout-add, swiglu, masked softmax,
+    RoPE, gradient-accumulation fusion; the run's log says which are on and why the others are off, see
+    mtp_megatron/model/fusions.py); false to measure without them. CPU runs never use them."""
 
     eval_interval: int = 0
     """Run validation every this many steps; 0 = never."""

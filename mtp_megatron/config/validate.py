@@ -297,6 +297,10 @@ def _check_run(cfg: Config, out: _Problems) -> None:
             "distributed optimizer, run on CUDA only)",
             "use precision=fp32 or bf16 on CPU, or train.device=cuda",
         )
+    if cfg.model.transformer_impl == "transformer_engine" and train.device == "cpu":
+        out.add("model.transformer_impl", "transformer_engine layers run on CUDA only, and train.device=cpu",
+                "set model.transformer_impl=auto (local layers on CPU, Transformer Engine on GPU) or local, or "
+                "train.device=cuda")
     if train.eval_interval < 0:
         out.add("train.eval_interval", f"must be >= 0, got {train.eval_interval}", "use 0 to never evaluate")
     if train.eval_interval > 0 and train.eval_iters < 1:

@@ -18,9 +18,13 @@ def detect_format(path: str) -> str:
 
 
 def read_any(path: str, source: Optional[str] = None, n_heads: Optional[int] = None, seq_length: int = 4096,
-             untie_embeddings: bool = False):
+             untie_embeddings: bool = False, device: str = "cpu"):
     """(our config, dense state dict, tokenizer .model path or None) of the checkpoint at ``path``. A Hugging Face
-    Llama with tied embeddings is refused unless ``untie_embeddings`` (convert/hf.py ``read_llama``)."""
+    Llama with tied embeddings is refused unless ``untie_embeddings`` (convert/hf.py ``read_llama``).
+
+    ``device`` is where ours is read: a process that will use the GPU must read on "cuda" (convert/native.py:
+    reading on "cpu" applies the CPU patches process-wide). Hugging Face and Meta checkpoints load on the CPU
+    whatever ``device``; their consumer moves the tensors."""
     from mtp_megatron.convert import hf, meta, native
 
     source = source or detect_format(path)
@@ -29,7 +33,7 @@ def read_any(path: str, source: Optional[str] = None, n_heads: Optional[int] = N
                          "their heads, and the converter keeps them. Fix: drop --n-heads (it sets the heads of a "
                          "Hugging Face Llama's conversion)")
     if source == "megatron":
-        cfg, dense = native.read_checkpoint(path)
+        cfg, dense = native.read_checkpoint(path, device)
         tokenizer = cfg.tokenizer.model
     elif source == "hf":
         cfg, dense = hf.read_llama(path, n_heads, untie_embeddings)

@@ -8,6 +8,11 @@ dense form every converter works on: our module names (``embedding.word_embeddin
 weights-only checkpoint (start training from it with ``checkpoint.load=PATH checkpoint.finetune=true``), which
 loads at any layout: dist checkpoints are resharded on load, so the target TP x PP is recorded in its config and
 checked, not baked into the files. The whole model sits in this process's memory (13B in bf16: 26 GB).
+
+By default that process is a CPU one (gloo, with mtp_megatron/distributed/cpu_compat.py applied). With
+``device="cuda"`` the TP1 x PP1 model is built on the GPU instead (an NCCL world of one) and cpu_compat is never
+imported: once applied, it would silently put every later CUDA tensor of the process on the CPU. So a process
+that decodes or evaluates on a GPU must read and build on "cuda" from the start.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -37,28 +42,29 @@ def with_vocab_rows(cfg: Config, rows: int, tp: int) -> Config:
                      f"(vocab_size {cfg.model.vocab_size}); choose a tp that divides {rows}")
 
 
-def dense_config(cfg: Config, precision: str) -> Config:
-    """``cfg`` as a single CPU process holds it: TP1 x PP1, no ZeRO, the given precision."""
+def dense_config(cfg: Config, precision: str, device: str = "cpu") -> Config:
+    """``cfg`` as a single process on ``device`` holds it: TP1 x PP1, no ZeRO, the given precision."""
     local = copy.deepcopy(cfg)
     local.parallel.tp = local.parallel.pp = 1
     local.parallel.sharding, local.parallel.sequence_parallel = "none", False
     local.parallel.overlap_grad_reduce = local.parallel.overlap_param_gather = False
     local.parallel.deepspeed_config = None
-    local.train.device, local.train.precision = "cpu", precision
+    local.train.device, local.train.precision = device, precision
     local.data.reset_attention_mask = False  # masks change no weight; the tokenizer file may not be here
+    local.model.transformer_impl = "local"  # the dense names are the local layers' (TE's hold the same tensors)
     local.checkpoint.async_save = False
     return local
 
 
 @contextlib.contextmanager
-def single_process() -> Iterator:
-    """A world of one CPU process (gloo) with megatron-core's parallel state at TP1 x PP1."""
+def single_process(device: str = "cpu") -> Iterator:
+    """A world of one process with megatron-core's parallel state at TP1 x PP1: gloo on "cpu", NCCL on "cuda"."""
     from mtp_megatron.config import ParallelConfig
     from mtp_megatron.distributed.parallel import destroy_distributed, init_distributed
 
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {key: os.environ.pop(key, None) for key in keys}  # a launcher's world is not this one
-    env = init_distributed(ParallelConfig(tp=1, pp=1), "cpu", seed=0)
+    env = init_distributed(ParallelConfig(tp=1, pp=1), device, seed=0)
     try:
         yield env
     finally:
@@ -79,8 +85,9 @@ def _stored_precision(path: str) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
-def read_checkpoint(path: str) -> tuple[Config, dict[str, torch.Tensor]]:
-    """(the run's config, dense state dict) of our checkpoint at ``path`` (an ``iter_NNNNNNN`` folder)."""
+def read_checkpoint(path: str, device: str = "cpu") -> tuple[Config, dict[str, torch.Tensor]]:
+    """(the run's config, dense state dict on ``device``) of our checkpoint at ``path`` (an ``iter_NNNNNNN``
+    folder), in the dtype it stores."""
     from mtp_megatron.checkpoint.checkpointer import Checkpointer, read_meta
     from mtp_megatron.checkpoint.store import verify
     from mtp_megatron.model.builder import build_model
@@ -88,11 +95,12 @@ def read_checkpoint(path: str) -> tuple[Config, dict[str, torch.Tensor]]:
     verify(path)
     meta = read_meta(path)
     cfg = with_vocab_rows(config_from_dict(meta["config"]), meta["padded_vocab_size"], tp=1)
-    with single_process() as env:
-        local = dense_config(cfg, _stored_precision(path))
+    with single_process(device) as env:
+        local = dense_config(cfg, _stored_precision(path), device)
         model = build_model(local, env)
         Checkpointer(local, env, model).load(path, weights_only=True, verified=True)  # verified above
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+        # No clone: the model is dropped on return, so the dict's tensors are the only copy of the weights.
+        state = {k: v.detach() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     return cfg, state
 
 
@@ -116,21 +124,28 @@ def write_checkpoint(cfg: Config, state: dict[str, torch.Tensor], path: str, tar
 
 
 @contextlib.contextmanager
-def dense_model(cfg: Config, state: dict[str, torch.Tensor]) -> Iterator:
-    """(our TP1 x PP1 model holding ``state``, its ParallelEnv), in this process (evaluation, decoding, checks)."""
+def dense_model(cfg: Config, state: dict[str, torch.Tensor], device: str = "cpu", precision: Optional[str] = None,
+                consume: bool = False) -> Iterator:
+    """(our TP1 x PP1 model holding ``state``, its ParallelEnv), in this process (evaluation, decoding, checks),
+    on ``device`` in ``precision`` (default: ``state``'s dtype). With ``consume`` each tensor is popped from
+    ``state`` once copied, so the weights are not held twice (``state`` is left empty)."""
     from mtp_megatron.model.builder import build_model
 
-    dtype = state["embedding.word_embeddings.weight"].dtype
-    precision = next(name for name, d in DTYPES.items() if d == dtype)
-    local = dense_config(with_vocab_rows(cfg, state["embedding.word_embeddings.weight"].shape[0], 1), precision)
-    with single_process() as env:
+    embedding = state["embedding.word_embeddings.weight"]
+    precision = precision or next(name for name, d in DTYPES.items() if d == embedding.dtype)
+    local = dense_config(with_vocab_rows(cfg, embedding.shape[0], 1), precision, device)
+    del embedding  # a consumed state must free it
+    with single_process(device) as env:
         model = build_model(local, env)
-        _load_dense(model, state)
+        _load_dense(model, state, consume)
         yield model.eval(), env
 
 
-def _load_dense(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into ``model``, naming every missing, unexpected or misshapen tensor."""
+def _load_dense(model, state: dict[str, torch.Tensor], consume: bool = False) -> None:
+    """Copy ``state`` into ``model`` (any device or dtype to the model's), naming every missing, unexpected or
+    misshapen tensor; with ``consume`` pop each tensor from ``state`` once copied (nothing is popped when the
+    weights do not fit)."""
+    state = local_key_names(state)
     own = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in own.items() if k not in state]
     problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in state.items() if k not in own]
@@ -140,4 +155,32 @@ def _load_dense(model, state: dict[str, torch.Tensor]) -> None:
         raise ValueError("the weights do not fit the model:\n  - " + "\n  - ".join(problems))
     with torch.no_grad():
         for key, tensor in own.items():
-            tensor.copy_(state[key])
+            tensor.copy_(state.pop(key) if consume else state[key])
+
+
+# Transformer Engine's names of the layer norms -> ours: megatron-core's sharded_state_dict_keys_map of the local
+# GPT layer spec (local -> TE, the names both save under) read backwards; tests/convert/test_te_checkpoint.py
+# checks it against megatron's.
+_TE_NORM_NAMES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+                  "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+
+
+def local_key_names(state: dict) -> dict:
+    """``state`` with the names of a Transformer Engine model's dense state dict (its ``state_dict()``, where each
+    layer's norms live in the fused linears: ``...self_attention.linear_qkv.layer_norm_weight``,
+    ``...mlp.linear_fc1.layer_norm_weight``, and ``_bias`` for LayerNorm) renamed to the local layers' that the
+    converters use (``...input_layernorm.weight``, ``...pre_mlp_layernorm.weight``), and TE's ``_extra_state``
+    entries (FP8 metadata, no weights) dropped; local names are kept. In place (no tensor is copied, and a dict
+    that ``_load_dense`` consumes still empties as it loads); returns ``state``."""
+    for key in list(state):
+        if key.endswith("_extra_state"):
+            del state[key]
+            continue
+        for te, local in _TE_NORM_NAMES.items():
+            prefix, found, suffix = key.rpartition(te)
+            if found and (not prefix or prefix.endswith(".")) and suffix in ("weight", "bias"):
+                renamed = f"{prefix}{local}{suffix}"
+                if renamed in state:
+                    raise ValueError(f"the state dict holds both {key} (Transformer Engine's name) and {renamed}")
+                state[renamed] = state.pop(key)
+    return state

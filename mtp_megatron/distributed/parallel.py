@@ -8,10 +8,13 @@ TP x PP x DP groups once. The groups are handed down explicitly as a ``ParallelE
 from __future__ import annotations
 
 import os
+import random
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -63,6 +66,18 @@ def resolve_device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+def _refuse_cuda_after_cpu_compat() -> None:
+    """RuntimeError if this process has applied the CPU patches (distributed/cpu_compat.py): their torch function
+    mode rewrites every CUDA device to CPU for the rest of the process, so a CUDA run would silently run on CPU.
+    Checked without importing cpu_compat (importing it is harmless, but a GPU run never does)."""
+    compat = sys.modules.get("mtp_megatron.distributed.cpu_compat")
+    if compat is not None and getattr(compat, "_applied", False):
+        raise RuntimeError("the CPU compatibility patches (mtp_megatron/distributed/cpu_compat.py) are active in "
+                           "this process, so CUDA tensors would silently be created on the CPU. A process must not "
+                           "mix a CPU run and a CUDA run: start the CUDA run in a fresh process (or read "
+                           "checkpoints with device='cuda' from the start)")
+
+
 # Whether init_distributed created the world process group. A group the caller created (a test harness running
 # several jobs in one process, a notebook) is the caller's to destroy: re-creating it would reuse the launcher's
 # MASTER_PORT while a slower rank still serves the old rendezvous store, and gloo would read stale addresses.
@@ -78,6 +93,8 @@ def free_port() -> int:
 def init_distributed(parallel: ParallelConfig, device_preference: str, seed: int) -> ParallelEnv:
     """Start torch.distributed from the launcher's environment and build megatron-core's parallel state."""
     device = resolve_device(device_preference)
+    if device.type == "cuda":
+        _refuse_cuda_after_cpu_compat()
     if device.type == "cpu":
         from mtp_megatron.distributed import cpu_compat  # never imported on GPU runs
 
@@ -111,6 +128,10 @@ def init_distributed(parallel: ParallelConfig, device_preference: str, seed: int
     # same on every DP replica; megatron derives each TP rank's stream for TP regions from it. Initial weights
     # do not come from these: each layer has a stream of its own (model/initialization.py).
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    # Python's and numpy's global generators too (as Megatron-LM's _set_random_seed): checkpoints save their states,
+    # so an unseeded process would save its own OS entropy and a resumed run would not match an uninterrupted one.
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
     torch.manual_seed(stage_seed)
     model_parallel_cuda_manual_seed(stage_seed)
     return ParallelEnv(

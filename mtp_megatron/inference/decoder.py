@@ -10,6 +10,10 @@ inverse frequencies in fp32 from ``model.rotary_base``, megatron's llama3 scalin
 ``forward(tokens, cache)`` runs the new tokens [b, t] after what ``cache`` holds and returns every head's logits
 [n, b, t, V]: head 1 is the next token, head i the token i-1 after it. Each head layer keeps its own keys and
 values (it attends over the trunk outputs of all earlier positions), so the cache has trunk + n layers.
+
+``MTPDecoder(cfg, dense, dtype, device)`` copies (and casts) every weight onto ``device`` once; everything a
+forward creates (positions, the attention mask) is made on the weights' device, so ``tokens`` must be there too.
+``resolve_device_dtype`` turns the commands' ``--device``/``--dtype auto`` into a torch device and dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch.nn.functional as F
 
 from mtp_megatron.config import Config
 from mtp_megatron.convert.hf import llama_problems, _qkv_split
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 @dataclass
@@ -44,10 +50,10 @@ class KVCache:
 class _Layer:
     """One layer's tensors with megatron's fused ones split (q, k, v; gate, up); biases None without them."""
 
-    def __init__(self, cfg: Config, dense: dict, prefix: str, dtype: torch.dtype):
+    def __init__(self, cfg: Config, dense: dict, prefix: str, dtype: torch.dtype, device: torch.device):
         def get(name):
             tensor = dense.get(prefix + name)
-            return None if tensor is None else tensor.to(dtype)
+            return None if tensor is None else tensor.to(device=device, dtype=dtype)
 
         def qkv(kind):
             fused = get(f"self_attention.linear_qkv.{kind}")
@@ -86,8 +92,22 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     return inv_freq.to(torch.float64)
 
 
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The commands' ``--device`` (auto: cuda when a GPU is visible, else cpu) and ``--dtype`` (auto: bf16 on cuda,
+    fp32 on cpu). ValueError naming the fix when cuda is asked for and no GPU is visible."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but no GPU is visible (torch.cuda.is_available() is False). "
+                         "Fix: --device cpu, or --device auto (a GPU when one is visible)")
+    if dtype == "auto":
+        dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return torch.device(device), DTYPES[dtype]
+
+
 class MTPDecoder:
-    def __init__(self, cfg: Config, dense: dict, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: Config, dense: dict, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         problems = llama_problems(cfg)
         if problems:
             raise ValueError("decoding supports Llama-shaped models only:\n  - " + "\n  - ".join(problems))
@@ -96,12 +116,16 @@ class MTPDecoder:
         self.heads_q, self.heads_kv = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
         self.head_dim = m.resolved_head_dim()
         self.vocab_size = m.vocab_size  # real ids only: padding rows are never predicted
-        self.embedding = dense["embedding.word_embeddings.weight"].to(dtype)
-        self.trunk = [_Layer(cfg, dense, f"decoder.layers.{i}.", dtype) for i in range(cfg.trunk_num_layers())]
-        self.heads = [_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype) for k in range(self.n_heads)]
-        self.final_norm = dense["mtp_heads.final_norm.weight"].to(dtype)
-        self.output = dense["mtp_heads.output_layer.weight"][: self.vocab_size].to(dtype)
-        self.inv_freq = rope_inv_freq(cfg)
+        # Every weight is moved here, wherever the dense dict holds it (a ``with torch.device(...)`` block would
+        # not move them: it only places tensors created inside it).
+        self.device = device = torch.device(device)
+        self.embedding = dense["embedding.word_embeddings.weight"].to(device=device, dtype=dtype)
+        self.trunk = [_Layer(cfg, dense, f"decoder.layers.{i}.", dtype, device)
+                      for i in range(cfg.trunk_num_layers())]
+        self.heads = [_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype, device) for k in range(self.n_heads)]
+        self.final_norm = dense["mtp_heads.final_norm.weight"].to(device=device, dtype=dtype)
+        self.output = dense["mtp_heads.output_layer.weight"][: self.vocab_size].to(device=device, dtype=dtype)
+        self.inv_freq = rope_inv_freq(cfg).to(device)
         # Linear scaling (megatron's seq_len_interpolation_factor) divides the positions.
         self.position_scale = m.rope_scaling_factor if m.rope_scaling_type == "linear" else 1.0
 
@@ -118,7 +142,7 @@ class MTPDecoder:
     def _layer(self, layer: _Layer, x: torch.Tensor, index: int, cache: KVCache, start: int) -> torch.Tensor:
         b, t, _ = x.shape
         h = self._norm(x, layer.norm1)
-        positions = torch.arange(start, start + t)
+        positions = torch.arange(start, start + t, device=x.device)
         q = F.linear(h, layer.q, layer.q_bias).view(b, t, self.heads_q, self.head_dim).transpose(1, 2)
         k = F.linear(h, layer.k, layer.k_bias).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2)
         v = F.linear(h, layer.v, layer.v_bias).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2)
@@ -132,7 +156,7 @@ class MTPDecoder:
         repeat = self.heads_q // self.heads_kv
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         # Query i (absolute position start+i) sees keys 0 .. start+i.
-        mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+        mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + F.linear(attn.transpose(1, 2).reshape(b, t, -1), layer.o, layer.o_bias)
         h = self._norm(x, layer.norm2)

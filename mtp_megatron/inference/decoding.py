@@ -37,6 +37,14 @@ class DecodeStats:
         return [hit / max(tried, 1) for hit, tried in self.accepted]
 
 
+def _elapsed(start: float, device: torch.device) -> float:
+    """Seconds since ``start``, once the GPU has finished what was queued (CUDA kernels run asynchronously, and
+    greedy decoding never waits for them on its own)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def greedy(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, DecodeStats]:
     """[b, max_new_tokens] next-token greedy continuation of ``prompt`` [b, p], one token per forward."""
     start, cache, stats = time.perf_counter(), KVCache(), DecodeStats(forwards=1)
@@ -46,7 +54,7 @@ def greedy(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int) -> tu
         logits = decoder.forward(out[-1][:, None], cache)
         out.append(logits[0, :, -1].argmax(-1))
         stats.forwards += 1
-    stats.tokens, stats.seconds = len(out), time.perf_counter() - start
+    stats.tokens, stats.seconds = len(out), _elapsed(start, prompt.device)
     return torch.stack(out, dim=1), stats
 
 
@@ -71,5 +79,5 @@ def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int) 
         out += [block[:, j] for j in range(1, accepted + 1)] + [greedy_next[:, accepted]]
         cache.crop(cache.length - (n - 1 - accepted))  # keep block positions 0..accepted
         drafts = block_logits[1:, :, accepted].argmax(-1)
-    stats.tokens, stats.seconds = max_new_tokens, time.perf_counter() - start
+    stats.tokens, stats.seconds = max_new_tokens, _elapsed(start, prompt.device)
     return torch.stack(out[:max_new_tokens], dim=1), stats

@@ -65,6 +65,11 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
         from mtp_megatron.distributed import cpu_compat
 
         kwargs.update(cpu_compat.transformer_config_overrides())
+    elif device.type == "cuda":
+        from mtp_megatron.model.fusions import cuda_fusions
+
+        # megatron-core's fused kernels where installed and valid (train.fused_kernels=false: none).
+        kwargs.update(cuda_fusions(cfg).kwargs)
     # Every weight is initialised as its full master tensor on the CPU, then sliced for this TP rank, on GPU too:
     # with per-layer streams (model/initialization.py) the same seed then gives the same model at every layout.
     kwargs["use_cpu_initialization"] = True
@@ -80,15 +85,17 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
 def build_model(cfg: Config, env: ParallelEnv) -> MTPGPTModel:
     """This stage's bare model (no DDP), on the run's device and in the run's precision."""
     model = construct_model(cfg, transformer_config(cfg, env.device), env.groups, env.is_first_stage,
-                            env.is_last_stage)
+                            env.is_last_stage, cuda=env.device.type == "cuda")
     return model.to(env.device)
 
 
 def construct_model(cfg: Config, config: TransformerConfig, groups, first_stage: bool,
-                    last_stage: bool) -> MTPGPTModel:
-    """The stage's ``MTPGPTModel`` where torch creates tensors now (the planner builds it on the meta device)."""
+                    last_stage: bool, cuda: bool = False) -> MTPGPTModel:
+    """The stage's ``MTPGPTModel`` where torch creates tensors now (the planner builds it on the meta device).
+    ``cuda``: it will run on CUDA, where ``model.transformer_impl=auto`` picks Transformer Engine if installed; a
+    CPU build always has the local layers."""
     layer_spec, norm_spec = layer_and_norm_specs(cfg.model, explicit_attention_mask=cfg.data.reset_attention_mask,
-                                                 init_seed=cfg.train.seed)
+                                                 init_seed=cfg.train.seed, cuda=cuda)
     document_eod = None
     if cfg.data.reset_attention_mask:
         document_eod = build_tokenizer(cfg.tokenizer.type, cfg.tokenizer.model).eod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from mtp_megatron.config import Config, ConfigError, save_resolved_config
@@ -47,10 +48,15 @@ def _claim(run_dir: str) -> RunLock:
     return lock
 
 
-def record_run(cfg: Config, model, rank: int) -> None:
-    """Rank 0: the resolved ``config.yaml`` and the engine's own files (a DeepSpeed run's generated JSON)."""
+def record_run(cfg: Config, model, rank: int, device: Optional[torch.device] = None) -> None:
+    """Rank 0: the resolved ``config.yaml`` and the engine's own files (a DeepSpeed run's generated JSON); on CUDA
+    (``device``) one log line saying which of megatron-core's fused kernels the model uses, and why not the others."""
     if rank != 0:
         return
+    if device is not None and device.type == "cuda":
+        from mtp_megatron.model.fusions import cuda_fusions
+
+        print(f"[run] fused kernels: {cuda_fusions(cfg).summary()}", flush=True)
     save_resolved_config(cfg, cfg.run.dir)
     from mtp_megatron.training.deepspeed_engine import write_engine_config
 
