@@ -238,7 +238,8 @@ def _setup_megatron_gpt(cfg: Config, env):
 
     config = transformer_config(cfg, env.device)
     config.num_layers = cfg.trunk_num_layers() + 1
-    gpt = GPTModel(config, layer_and_norm_specs(cfg.model, init_seed=cfg.train.seed)[0],
+    gpt = GPTModel(config, layer_and_norm_specs(cfg.model, init_seed=cfg.train.seed,
+                                                  cuda=env.device.type == "cuda")[0],
                    cfg.model.padded_vocab_size(cfg.parallel.tp), cfg.model.seq_length,
                    share_embeddings_and_output_weights=False, position_embedding_type=cfg.model.position_embedding,
                    rotary_base=cfg.model.rotary_base, pg_collection=env.groups)

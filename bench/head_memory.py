@@ -14,6 +14,11 @@ that forward + backward above the memory already held before it (weights, main g
   at 64 KiB so freed tensors go back to the OS and RSS tracks the tensors.
 * GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus ``memory_allocated`` before.
 
+``--megatron-gpt`` adds megatron-core's own ``GPTModel`` of the n=1 model's depth, with the same layer spec, wrappers
+and optimizer: a memory reference for the loss path. Its output layer and final norm initialise from megatron's
+streams, not ours, so its head-1 loss is close to our n=1's but not equal (tests/model/test_gpt_equivalence.py
+shows the two equal on the same weights).
+
 With a single pipeline stage (world size 1) the last stage is the whole model, so the peak includes the trunk's
 activations; they are the same in every variant, so the differences between variants are the heads'.
 """

@@ -61,7 +61,7 @@ def evaluate(model, windows: torch.Tensor, n_heads: int, batch_size: int = 8) ->
     sums = torch.zeros(n_heads, 3, dtype=torch.float64)  # loss sum, correct, tokens
     for batch in windows.split(batch_size):
         tokens = batch[:, :-1]
-        hidden, inputs = _trunk(model, tokens, positions.expand_as(tokens))
+        hidden, inputs = model.trunk_output(tokens, positions.expand_as(tokens))
         for k in range(n_heads):
             sums[k] += _head_scores(model, k, hidden, inputs, batch[:, k + 1:])
         del hidden, inputs
@@ -71,16 +71,6 @@ def evaluate(model, windows: torch.Tensor, n_heads: int, batch_size: int = 8) ->
         out[f"acc/head_{k + 1}"] = sums[k, 1].item() / sums[k, 2].item()
         out[f"tokens/head_{k + 1}"] = int(sums[k, 2])
     return {**out, "samples": len(windows)}
-
-
-def _trunk(model, tokens: torch.Tensor, positions: torch.Tensor):
-    """(the trunk's output [s, b, h], the heads' inputs) for ``tokens`` [b, s], as model/gpt.py ``head_logits``
-    computes them before its heads (causal attention, no labels)."""
-    from mtp_megatron.model.heads import HeadInputs
-
-    decoder_input, rotary_pos_emb, *_ = model._preprocess(input_ids=tokens, position_ids=positions)
-    hidden = model.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary_pos_emb)
-    return hidden, HeadInputs([], [], None, rotary_pos_emb)
 
 
 def _head_scores(model, k: int, hidden: torch.Tensor, inputs, targets: torch.Tensor) -> torch.Tensor:

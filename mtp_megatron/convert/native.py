@@ -145,7 +145,6 @@ def _load_dense(model, state: dict[str, torch.Tensor], consume: bool = False) ->
     """Copy ``state`` into ``model`` (any device or dtype to the model's), naming every missing, unexpected or
     misshapen tensor; with ``consume`` pop each tensor from ``state`` once copied (nothing is popped when the
     weights do not fit)."""
-    state = local_key_names(state)
     own = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in own.items() if k not in state]
     problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in state.items() if k not in own]
@@ -156,31 +155,3 @@ def _load_dense(model, state: dict[str, torch.Tensor], consume: bool = False) ->
     with torch.no_grad():
         for key, tensor in own.items():
             tensor.copy_(state.pop(key) if consume else state[key])
-
-
-# Transformer Engine's names of the layer norms -> ours: megatron-core's sharded_state_dict_keys_map of the local
-# GPT layer spec (local -> TE, the names both save under) read backwards; tests/convert/test_te_checkpoint.py
-# checks it against megatron's.
-_TE_NORM_NAMES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
-                  "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
-
-
-def local_key_names(state: dict) -> dict:
-    """``state`` with the names of a Transformer Engine model's dense state dict (its ``state_dict()``, where each
-    layer's norms live in the fused linears: ``...self_attention.linear_qkv.layer_norm_weight``,
-    ``...mlp.linear_fc1.layer_norm_weight``, and ``_bias`` for LayerNorm) renamed to the local layers' that the
-    converters use (``...input_layernorm.weight``, ``...pre_mlp_layernorm.weight``), and TE's ``_extra_state``
-    entries (FP8 metadata, no weights) dropped; local names are kept. In place (no tensor is copied, and a dict
-    that ``_load_dense`` consumes still empties as it loads); returns ``state``."""
-    for key in list(state):
-        if key.endswith("_extra_state"):
-            del state[key]
-            continue
-        for te, local in _TE_NORM_NAMES.items():
-            prefix, found, suffix = key.rpartition(te)
-            if found and (not prefix or prefix.endswith(".")) and suffix in ("weight", "bias"):
-                renamed = f"{prefix}{local}{suffix}"
-                if renamed in state:
-                    raise ValueError(f"the state dict holds both {key} (Transformer Engine's name) and {renamed}")
-                state[renamed] = state.pop(key)
-    return state

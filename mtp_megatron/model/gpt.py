@@ -105,7 +105,12 @@ class MTPGPTModel(GPTModel):
     def head_logits(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         """Every head's vocab-parallel logits [n, s, b, V/tp] for a single-stage model (pp=1): evaluation, decoding
         and conversion checks; training never materialises more than one head's logits (see heads.py)."""
+        hidden, inputs = self.trunk_output(input_ids, position_ids)
+        return torch.stack([self.mtp_heads.logits(k, hidden, inputs) for k in range(self.mtp_heads.n_heads)])
+
+    def trunk_output(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, HeadInputs]:
+        """(the trunk's output [s, b, h], the heads' inputs) of a single-stage model under causal attention, for
+        ``mtp_heads.logits(k, ...)`` head by head (evaluation holds one head's logits at a time)."""
         decoder_input, rotary_pos_emb, *_ = self._preprocess(input_ids=input_ids, position_ids=position_ids)
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary_pos_emb)
-        inputs = HeadInputs([], [], None, rotary_pos_emb)
-        return torch.stack([self.mtp_heads.logits(k, hidden, inputs) for k in range(self.mtp_heads.n_heads)])
+        return hidden, HeadInputs([], [], None, rotary_pos_emb)

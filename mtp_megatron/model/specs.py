@@ -1,6 +1,6 @@
 """megatron-core layer specs: Transformer Engine for CUDA builds where it is installed (GPU clusters), local modules
-otherwise (CPU builds: CPU runs, and the converters, evaluation and generation, which build their TP1 x PP1 model on
-the CPU even on a GPU node).
+otherwise (CPU runs; the converters, evaluation and generation, whose TP1 x PP1 model always has the local layers,
+convert/native.py ``dense_config``).
 
 Both hold the same tensors under the same checkpoint keys: the local spec maps its norms onto Transformer Engine's
 names (``input_layernorm.`` -> ``self_attention.linear_qkv.layer_norm_``, ``pre_mlp_layernorm.`` ->
@@ -72,18 +72,15 @@ def use_transformer_engine(impl: str, cuda: bool) -> bool:
 
 
 def layer_and_norm_specs(model: ModelConfig, explicit_attention_mask: bool = False,
-                         init_seed: Optional[int] = None, cuda: Optional[bool] = None) -> tuple[ModuleSpec, ModuleSpec]:
+                         init_seed: Optional[int] = None, cuda: bool = False) -> tuple[ModuleSpec, ModuleSpec]:
     """The spec of one transformer layer (trunk and heads alike) and of the norm the heads share.
 
-    ``cuda``: whether the model is built for a CUDA run (model/builder.py says so from the run's device); None, for
-    callers that build next to a model of ours on the same device without knowing which, means "a GPU is visible".
+    ``cuda``: whether the model is built for a CUDA run (model/builder.py says so from the run's device).
 
     ``explicit_attention_mask`` (document masks) needs the local attention, which applies the mask it is given;
     Transformer Engine's causal attention ignores it (the config refuses an explicit transformer_engine then).
     With ``init_seed`` each layer initialises from a stream of its own global index (model/initialization.py).
     """
-    if cuda is None:
-        cuda = torch.cuda.is_available()
     if use_transformer_engine(model.transformer_impl, cuda) and not explicit_attention_mask:
         from megatron.core.extensions.transformer_engine import TENorm
 

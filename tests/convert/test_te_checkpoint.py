@@ -115,52 +115,6 @@ def test_a_weight_the_model_does_not_have_is_an_error_not_skipped(source, tmp_pa
         native.read_checkpoint(path)
 
 
-def test_te_norm_names_are_megatrons_keys_map_backwards():
-    local_to_te = gpt_layer_specs.get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
-    assert native._TE_NORM_NAMES == {te: local for local, te in local_to_te.items()}
-
-
-def test_local_key_names_maps_a_te_dense_state_dict():
-    w, b = torch.ones(4), torch.zeros(4)
-    te = {
-        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": w,
-        "decoder.layers.0.self_attention.linear_qkv.layer_norm_bias": b,
-        "decoder.layers.0.self_attention.linear_qkv.weight": w,
-        "decoder.layers.0.self_attention.linear_qkv._extra_state": io.BytesIO(),
-        "decoder.layers.0.self_attention.core_attention._extra_state": None,
-        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": w,
-        "mtp_heads.layers.1.mlp.linear_fc1.layer_norm_weight": b,
-        "mtp_heads.layers.1.mlp.linear_fc1.weight": w,
-        "mtp_heads.final_norm.weight": w,
-        "mtp_heads.final_norm._extra_state": torch.empty(0),
-    }
-    local = native.local_key_names(dict(te))
-    assert local == {
-        "decoder.layers.0.input_layernorm.weight": w,
-        "decoder.layers.0.input_layernorm.bias": b,
-        "decoder.layers.0.self_attention.linear_qkv.weight": w,
-        "decoder.layers.0.pre_mlp_layernorm.weight": w,
-        "mtp_heads.layers.1.pre_mlp_layernorm.weight": b,
-        "mtp_heads.layers.1.mlp.linear_fc1.weight": w,
-        "mtp_heads.final_norm.weight": w,
-    }
-    assert native.local_key_names(dict(local)) == local  # local names are kept
-    with pytest.raises(ValueError, match="holds both"):
-        native.local_key_names({"x.mlp.linear_fc1.layer_norm_weight": w, "x.pre_mlp_layernorm.weight": w})
-
-
-def test_a_te_named_dense_state_loads_into_the_dense_model(source):
-    cfg, state, _ = source
-    te = {}
-    for key, tensor in state.items():
-        key = key.replace("input_layernorm.", "self_attention.linear_qkv.layer_norm_")
-        te[key.replace("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")] = tensor
-    te["decoder.layers.0.self_attention.linear_qkv._extra_state"] = _te_payload()
-    assert te.keys() != state.keys()
-    with native.dense_model(cfg, te) as (model, _):
-        _assert_same({k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}, state)
-
-
 def test_what_a_load_may_and_may_not_leave_out():
     from mtp_megatron.checkpoint.checkpointer import key_mismatches
 

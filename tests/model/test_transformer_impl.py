@@ -59,7 +59,7 @@ def test_cpu_build_with_auto_gets_the_local_layers_where_te_is_installed(te_inst
     assert isinstance(model.mtp_heads.layers[0].self_attention.linear_qkv, ColumnParallelLinear)
     layer, norm = layer_and_norm_specs(cfg.model, cuda=False)
     assert norm.module is Norm and layer.submodules.self_attention.submodules.linear_qkv is ColumnParallelLinear
-    layer, _ = layer_and_norm_specs(cfg.model)  # no device named: where a GPU is visible (none here)
+    layer, _ = layer_and_norm_specs(cfg.model)  # no device named: a CPU build
     assert layer.submodules.input_layernorm.module is Norm
 
 
