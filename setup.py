@@ -21,7 +21,7 @@ setup(
         # torch is a floor only: the exact build (CPU or CUDA) is the user's choice, installed first.
         "torch>=2.6",
         "megatron-core>=0.16,<0.17",
-        # The range the ZeRO engine is tested with (training/deepspeed_engine.py refuses others).
+        # The range the ZeRO engine is tested with (engines/deepspeed.py refuses others).
         "deepspeed>=0.19.8,<0.20",
         "sentencepiece>=0.2",
         "tensorboard>=2.18",

@@ -1,9 +1,9 @@
 """Shared plumbing of the benchmarks: one process (world size 1), variants built through the package as training does.
 
-Every variant is built from a ``Config`` (``load_config(None, overrides)``) with the package's own builder, megatron
-DDP wrapper, optimizer, LR scheduler, schedule hooks and mock-data pipeline, and stepped with
-``mtp_megatron.training.step`` (``train_step`` / ``run_forward_backward``), i.e. exactly the code path of
-``python -m mtp_megatron.train``, minus logging and checkpoints.
+Every variant is built from a ``Config`` (``load_config(None, overrides)``) through the package's engine interface
+(``mtp_megatron.engines.build_engine``: the model builder, the engine's wrapper, optimizer, LR scheduler and
+schedule hooks) and its mock-data pipeline, and stepped with ``Engine.train_step`` / ``Engine.forward_backward``,
+i.e. exactly the code path of ``python -m mtp_megatron.train``, minus logging and checkpoints.
 """
 
 from __future__ import annotations
@@ -152,39 +152,42 @@ class Trainer:
 
     cfg: Config
     env: object
-    model: object
-    optimizer: object
-    scheduler: object
+    engine: object
     data: Iterator[dict]
     megatron_gpt: bool = False
 
-    def train_step(self):
-        from mtp_megatron.training.step import train_step
+    @property
+    def model(self):
+        """The wrapped model the schedules run (megatron DDP for the megatron engine)."""
+        return self.engine.model
 
+    @property
+    def optimizer(self):
+        return self.engine.optimizer
+
+    def train_step(self):
         if self.megatron_gpt:  # megatron's own loop body: zero, forward-backward, step
             self.forward_backward()
             self.optimizer.step()
-            self.scheduler.step(increment=1)  # one per iteration (training/optimizer.py)
+            self.engine.scheduler.step(increment=1)  # one per iteration (engines/optim.py)
             return None
-        return train_step([self.model], self.optimizer, self.scheduler, self.data, 1, self.cfg, self.env)
+        return self.engine.train_step(self.data, 1)
 
     def forward_backward(self):
         """One microbatch's forward + backward through megatron-core's schedule, as ``train_step`` runs it."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from mtp_megatron.training.step import forward_step, run_forward_backward
-
+        if not self.megatron_gpt:
+            return self.engine.forward_backward(self.data, 1, forward_only=False)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        if not self.megatron_gpt:
-            return run_forward_backward([self.model], self.data, 1, self.cfg, forward_only=False)
         return get_forward_backward_func()(
             forward_step_func=_megatron_gpt_forward_step, data_iterator=self.data, model=[self.model],
             num_microbatches=1, seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
 
     def head_losses(self, losses) -> list[float]:
-        from mtp_megatron.training.step import reduce_head_stats
+        from mtp_megatron.engines.step import reduce_head_stats
 
         if self.megatron_gpt:
             return [float(losses[0]["loss"])]
@@ -205,36 +208,31 @@ def _megatron_gpt_forward_step(data_iterator, model):
 
 
 def build_trainer(cfg: Config, max_steps: int, megatron_gpt: bool = False) -> Trainer:
-    """One variant: ours through ``setup_model_and_optimizer``, or (``megatron_gpt``) megatron-core's GPTModel
-    with the same trunk, wrapped, optimised and scheduled the same way."""
+    """One variant: ours through ``engines.build_engine``, or (``megatron_gpt``) megatron-core's GPTModel with the
+    same trunk in the same megatron engine (wrapper, optimizer, schedule)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from mtp_megatron.data.loader import microbatches
-    from mtp_megatron.training.setup import setup_model_and_optimizer
+    from mtp_megatron.engines import build_engine
 
     env = init_env(cfg)
     # Same seed before every build: the trunk (built first) gets the same weights in every variant, and the two
     # n-head variants are identical models (their losses must agree; the benchmarks print them).
     torch.manual_seed(cfg.train.seed)
     model_parallel_cuda_manual_seed(cfg.train.seed)
-    if megatron_gpt:
-        model, optimizer, scheduler = _setup_megatron_gpt(cfg, env)
-    else:
-        model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
+    engine = build_engine(cfg, env, _megatron_gpt(cfg, env) if megatron_gpt else None)
     samples = max_steps * cfg.train.global_batch_size
     data = microbatches(_dataset(cfg, env, samples), 0, cfg, env)
-    return Trainer(cfg, env, model, optimizer, scheduler, data, megatron_gpt)
+    return Trainer(cfg, env, engine, data, megatron_gpt)
 
 
-def _setup_megatron_gpt(cfg: Config, env):
+def _megatron_gpt(cfg: Config, env):
     """megatron-core's ``GPTModel`` of the n=1 model's depth (our trunk + head 1 = ``model.num_layers`` layers), its
-    own final norm, output layer and vocab-parallel cross-entropy; the same layer spec, wrappers and optimizer."""
+    own final norm, output layer and vocab-parallel cross-entropy, with our layer spec."""
     from megatron.core.models.gpt import GPTModel
 
-    from mtp_megatron.model.builder import transformer_config, wrap_model
+    from mtp_megatron.model.builder import transformer_config
     from mtp_megatron.model.specs import layer_and_norm_specs
-    from mtp_megatron.training.loop import connect_schedule_hooks
-    from mtp_megatron.training.optimizer import build_optimizer, build_scheduler
 
     config = transformer_config(cfg, env.device)
     config.num_layers = cfg.trunk_num_layers() + 1
@@ -243,27 +241,24 @@ def _setup_megatron_gpt(cfg: Config, env):
                    cfg.model.padded_vocab_size(cfg.parallel.tp), cfg.model.seq_length,
                    share_embeddings_and_output_weights=False, position_embedding_type=cfg.model.position_embedding,
                    rotary_base=cfg.model.rotary_base, pg_collection=env.groups)
-    model = wrap_model(gpt.to(env.device), cfg, env)
-    optimizer = build_optimizer(cfg, [model], env.groups)
-    scheduler = build_scheduler(cfg, optimizer)
-    connect_schedule_hooks(model, optimizer, cfg)
-    return model, optimizer, scheduler
+    return gpt.to(env.device)
 
 
 def release(trainer: Optional[Trainer]) -> None:
     """Drop a variant's model, grads and optimizer state before the next one is built.
 
-    The schedule hooks that ``connect_schedule_hooks`` stores on the model's TransformerConfig (notably
+    The schedule hooks that the megatron engine's ``connect_schedule_hooks`` stores on the model's
+    TransformerConfig (notably
     ``grad_scale_func = optimizer.scale_loss``) close a model -> config -> optimizer -> model cycle that Python's
     garbage collector does not reclaim here (measured: the whole variant, ~330 MiB at the head_memory defaults,
     stayed alive); unhooking them first lets the variant be freed.
     """
-    if trainer is not None and trainer.model is not None:
+    if trainer is not None and trainer.engine is not None:
         for name in ("grad_scale_func", "no_sync_func", "finalize_model_grads_func", "grad_sync_func",
                      "param_sync_func"):
             setattr(trainer.model.config, name, None)
     if trainer is not None:
-        trainer.model = trainer.optimizer = trainer.scheduler = trainer.data = None
+        trainer.engine = trainer.data = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -129,12 +129,12 @@ class _Bench:
         self.trainer = build_trainer(self.cfgs["sync"], max_steps=8)
         t = self.trainer
         self.rank = t.env.rank
-        self.savers = {mode: Checkpointer(cfg, t.env, t.model, t.optimizer, t.scheduler)
+        self.savers = {mode: Checkpointer(cfg, t.env, t.engine)
                        for mode, cfg in self.cfgs.items()}
         self.saves = 0
         self.parts: dict = {}  # time inside the save spent building the sharded state dict (optimizer gather)
         for saver in self.savers.values():
-            saver._sharded_state_dict = _timed(saver._sharded_state_dict, self.parts, "state_dict")
+            saver._sharded_state = _timed(saver._sharded_state, self.parts, "state_dict")
             saver._checksums = _timed(saver._checksums, self.parts, "checksums")  # the manifest's CRC-32s
             saver.verify = _timed(saver.verify, self.parts, "verify")  # checking them before a load
 

@@ -23,6 +23,7 @@ Steps (each one runs whatever happened to the ones before; a failed step is repo
 9. generate (fp32): ``python -m mtp_megatron.generate --compare`` greedy vs speculative on the smoke run's checkpoint
    (identical tokens, tokens per forward, speedup), and bench/decode_speed.py at batch 1 and 8.
 10. deepspeed: a ZeRO-2 run of the tiny config (DP=1): the engine starts and steps on this device.
+11. fsdp: the same with torch FSDP2 (``parallel.sharding=fsdp``, DP=1), bf16 on GPU.
 
 The report goes to ``--out`` (default ``$OUT`` when set, else ``runs/gpu_check``): report.json, report.md and
 gpu_check.log (every step's command and output). Exit 0 when every step passed, 1 otherwise. Goals (memory and
@@ -343,12 +344,19 @@ class Check:
             raise StepFailed(f"decode_speed reported batches {sorted(batches)}, expected 1 and 8")
 
     def deepspeed(self, step: Step) -> None:
-        run_dir = f"{self.work}/deepspeed"
-        self.run(step, self.train_command(run_dir, "train.iters=3", "parallel.sharding=zero2", "checkpoint.interval=0",
-                                          synthetic=True))
+        self._three_steps(step, "zero2", "ZeRO-2")
+
+    def fsdp(self, step: Step) -> None:
+        self._three_steps(step, "fsdp", "FSDP2")
+
+    def _three_steps(self, step: Step, sharding: str, engine: str) -> None:
+        """The tiny config for 3 steps under ``parallel.sharding=sharding``: the engine starts and steps here."""
+        run_dir = f"{self.work}/{sharding}"
+        self.run(step, self.train_command(run_dir, "train.iters=3", f"parallel.sharding={sharding}",
+                                          "checkpoint.interval=0", synthetic=True))
         records = metrics(run_dir)
         step.figures = {"steps": len(records), "loss": [r["loss"] for r in records]}
-        step.summary = f"ZeRO-2, {len(records)} steps, loss " + " -> ".join(f"{r['loss']:.3f}" for r in records)
+        step.summary = f"{engine}, {len(records)} steps, loss " + " -> ".join(f"{r['loss']:.3f}" for r in records)
         if len(records) != 3:
             raise StepFailed(f"{len(records)} steps logged, expected 3")
 
@@ -359,7 +367,7 @@ class Check:
                 ("resume", self.resume, ["data"]),  # its interrupted run needs no smoke run; it waits for it later
                 ("generate", self.generate, ["smoke"]), ("head_gradients", self.head_gradients, ["install"]),
                 ("head_memory", self.head_memory, ["install"]), ("step_time", self.step_time, ["install"]),
-                ("deepspeed", self.deepspeed, ["install"])]
+                ("deepspeed", self.deepspeed, ["install"]), ("fsdp", self.fsdp, ["install"])]
 
     def run_all(self) -> None:
         """Every step once its prerequisites are done, in plan order, ``--jobs`` at a time (2 for the CPU smoke

@@ -5,7 +5,7 @@
 
 Each variant is built fresh on the same trunk (same seed, same weights), trained for one warm-up step (so Adam
 state exists), then one more microbatch goes through megatron-core's forward-backward function exactly as
-``train_step`` runs it (``mtp_megatron.training.step.run_forward_backward``). What is reported is the peak of
+``train_step`` runs it (``Engine.forward_backward``, engines/megatron.py). What is reported is the peak of
 that forward + backward above the memory already held before it (weights, main grads, optimizer state, data):
 
 * CPU: the torch profiler's memory records (``profile_memory=True``): every allocation and free of the step in
@@ -191,13 +191,13 @@ def main(argv=None) -> int:
         rows.append(row)
     print(table(headers, rows))
 
-    # Theory (shared/docs/method.md): one head's logits are b*s*V elements; the cross-entropy runs in fp32.
+    # Theory (docs/method.md): one head's logits are b*s*V elements; the cross-entropy runs in fp32.
     elems = args.mbs * args.seq * base["vocab_padded"]
     logit_bytes = elems * torch.tensor([], dtype=dtype).element_size()
     fp32_bytes = elems * 4
     naive, seq = results[1], results[2]
     print()
-    print("theory (method.md): logits of one head = b*s*V elements")
+    print("theory (docs/method.md): logits of one head = b*s*V elements")
     print(table(
         ["quantity", "MiB"],
         [

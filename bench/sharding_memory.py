@@ -35,7 +35,7 @@ from mtp_megatron.testing.distributed import run_distributed  # noqa: E402
 from mtp_megatron.training.memory import state_bytes_in_a_step  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARDINGS = ["none", "distributed_optimizer", "zero1", "zero2", "zero3"]
+SHARDINGS = ["none", "distributed_optimizer", "zero1", "zero2", "zero3", "fsdp"]
 MODEL = ["model.hidden_size=512", "model.num_attention_heads=8", "model.ffn_hidden_size=1408", "model.num_layers=4",
          "model.vocab_size=32000", "model.seq_length=128", "mtp.n_heads=4", "train.precision=fp32"]
 MIB = 2**20

@@ -155,8 +155,10 @@ def _training_arguments(train_args: list[str]) -> argparse.Namespace | None:
 
 
 def check_training_config(args: argparse.Namespace, train_args: list[str]):
-    """Load and validate the config for world size nnodes x nproc-per-node and return it (None when there is
-    nothing to check: help requests, unknown options); raises ``LaunchError`` (code 2).
+    """Load the config and check the launch for world size nnodes x nproc-per-node as mtp_megatron/train.py does
+    (``check_launch``: the world size, the training data, the tokenizer and data files, the DeepSpeed JSON) and
+    return it (None when there is nothing to check: help requests, unknown options); raises ``LaunchError``
+    (code 2).
 
     Node 0 reports the problems; the other nodes find the same ones (same files, same arguments) and say only
     that, so a job's log holds the list once.
@@ -166,13 +168,13 @@ def check_training_config(args: argparse.Namespace, train_args: list[str]):
         return None
     import yaml
 
-    from mtp_megatron.config import ConfigError, load_config, validate_for_training, validate_for_world
+    from mtp_megatron.config import ConfigError, load_config
+    from mtp_megatron.train import check_launch
 
     world = args.nnodes * args.nproc_per_node
     try:
         cfg = load_config(known.config, known.overrides)
-        validate_for_world(cfg, world)
-        validate_for_training(cfg)
+        check_launch(cfg, world)
     except ConfigError as error:
         if args.node_rank == 0:
             raise LaunchError(str(error)) from None

@@ -1,7 +1,7 @@
 """Train an MTP model: ``torchrun --nproc_per_node=N -m mtp_megatron.train --config configs/tiny.yaml [a.b=c ...]``.
 
-The whole flow, top to bottom: config -> parallel state -> run folder -> model and optimizer -> checkpoint ->
-data -> loop.
+The whole flow, top to bottom: config -> its files (tokenizer, data, DeepSpeed JSON) -> parallel state -> run
+folder -> engine (model, optimizer, schedule) -> checkpoint -> data -> loop.
 
 Restarting the same command resumes from the newest complete checkpoint of ``run.dir`` (``checkpoint.resume``).
 Exit codes:
@@ -20,27 +20,84 @@ import argparse
 import os
 import sys
 import warnings
+from typing import Callable, List, Optional, Sequence
 
-from mtp_megatron.config import (
-    Config,
-    ConfigError,
-    format_config_help,
-    load_config,
-    validate_for_training,
-    validate_for_world,
-)
+from mtp_megatron.config import Config, ConfigError, format_config_help, load_config, validate_for_training
+from mtp_megatron.data.inputs import resolve_inputs
+from mtp_megatron.distributed.topology import validate_for_world
+
+
+def resolve_run_inputs(cfg: Config) -> None:
+    """The explicit step after ``load_config``, which reads nothing but the YAML: open the tokenizer and the data
+    files (a null ``model.vocab_size`` becomes the tokenizer's; mtp_megatron/data/inputs.py) and read the
+    DeepSpeed JSON. Raises one ``ConfigError`` listing every problem; calling it again changes nothing."""
+    _raise_if_any(_input_problems(cfg))
+
+
+def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """``load_config`` then ``resolve_run_inputs``: a config whose files are opened and checked, for the tools and
+    tests that need its vocabulary size or its checks (tools/plan.py)."""
+    cfg = load_config(path, overrides)
+    resolve_run_inputs(cfg)
+    return cfg
+
+
+def check_launch(cfg: Config, world_size: int) -> None:
+    """Everything a training launch checks before any process group exists (``validate_for_world``,
+    ``validate_for_training``, ``resolve_run_inputs``), as one ``ConfigError`` that lists every problem, so the
+    command line and launcher/torchrun.py report a bad launch in one message."""
+    problems = _problems_of(lambda: validate_for_world(cfg, world_size))
+    problems += _problems_of(lambda: validate_for_training(cfg))
+    problems += _input_problems(cfg)
+    _raise_if_any(problems)
+
+
+def _input_problems(cfg: Config) -> List[str]:
+    return _problems_of(lambda: resolve_inputs(cfg)) + _deepspeed_json_problems(cfg)
+
+
+def _deepspeed_json_problems(cfg: Config) -> List[str]:
+    if not cfg.parallel.deepspeed_config:
+        return []
+    # Imported only when there is a file to read: the engines package loads torch and megatron-core, which a
+    # config check (the launchers', tests/launcher/test_launcher_faults.py) does not need.
+    from mtp_megatron.engines.deepspeed_config import deepspeed_config_problems
+
+    return deepspeed_config_problems(cfg)
+
+
+def _problems_of(check: Callable[[], object]) -> List[str]:
+    try:
+        check()
+    except ConfigError as error:
+        return list(error.problems)
+    return []
+
+
+def _raise_if_any(problems: List[str]) -> None:
+    if problems:
+        raise ConfigError.from_problems(problems)
 
 
 def train(cfg: Config):
-    """Run one training job in this process (one rank of the job); returns every step's result."""
+    """Run one training job in this process (one rank of the job); returns every step's result.
+
+    Resolves the config's inputs first (``resolve_run_inputs``), so ``train(load_config(...))`` is a complete run.
+    """
+    resolve_run_inputs(cfg)
+    return _train_resolved(cfg)
+
+
+def _train_resolved(cfg: Config):
+    """``train`` for a config whose inputs are resolved already (``main`` has checked the whole launch)."""
     # Heavy imports here: `--help` and config errors answer without importing megatron-core.
     from mtp_megatron.checkpoint.checkpointer import Checkpointer
     from mtp_megatron.data.datasets import build_datasets
     from mtp_megatron.distributed.parallel import destroy_distributed, init_distributed
+    from mtp_megatron.engines import build_engine
     from mtp_megatron.training.loop import fit
     from mtp_megatron.training.metrics import MetricsLogger
     from mtp_megatron.training.run_folder import claim_run_folder, record_run
-    from mtp_megatron.training.setup import setup_model_and_optimizer
     from mtp_megatron.training.stopping import STOP_FILE, StopRequests, clear_stop_file
 
     validate_for_training(cfg)
@@ -51,21 +108,21 @@ def train(cfg: Config):
         stop_file = os.path.join(cfg.run.dir, STOP_FILE) if env.rank == 0 else None
         # From here on SIGTERM/SIGUSR1 (or a STOP file) mean "save and stop at the next step boundary", not "die now".
         with StopRequests(cfg.train.exit_duration_mins, env.device, cfg.train.stop_at_step, stop_file) as stop:
-            model, optimizer, scheduler = setup_model_and_optimizer(cfg, env)
-            checkpointer = Checkpointer(cfg, env, model, optimizer, scheduler)
+            engine = build_engine(cfg, env)  # megatron-core, DeepSpeed or FSDP2, by parallel.sharding
+            checkpointer = Checkpointer(cfg, env, engine)
             # The newest checkpoint of the run, checkpoint.load, or a fresh start; checked against this config
             # before this launch writes anything into the run folder (a rejected relaunch leaves it as it was).
             state = checkpointer.restore()
             if env.rank == 0:
                 clear_stop_file(stop_file)  # served by the stop that wrote the checkpoint this run resumes from
-            record_run(cfg, model, env.rank, env.device)
+            record_run(cfg, engine, env.rank, env.device)
 
             train_data, valid_data = build_datasets(cfg, env)
 
             logger = MetricsLogger(cfg, cfg.run.dir, env.rank, env.dims.world_size, start_step=state.step)
             try:
-                history = fit(cfg, env, model, optimizer, scheduler, train_data, valid_data, logger,
-                              state=state, checkpointer=checkpointer, stop=stop)
+                history = fit(cfg, env, engine, train_data, valid_data, logger, state=state,
+                              checkpointer=checkpointer, stop=stop)
                 logger.print_validation_summary()
                 return history
             finally:
@@ -85,6 +142,9 @@ _KNOWN_NOTICES = [
     (UserWarning, r"full scope is deprecated"),
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf"),  # the pipeline's p2p buffers
     (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),
+    # megatron-core's dist_checkpointing load calls torch's deprecated load_state_dict and ShardedTensor.
+    (FutureWarning, r"`load_state_dict` is deprecated and will be removed"),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
 ]
 
 
@@ -117,15 +177,7 @@ def main(argv=None) -> int:
     # one, and rank 0 says it.
     try:
         cfg = load_config(args.config, args.overrides)
-        problems = []
-        for check in (lambda: validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
-                      lambda: validate_for_training(cfg)):
-            try:
-                check()
-            except ConfigError as error:
-                problems += error.problems
-        if problems:
-            raise ConfigError.from_problems(problems)
+        check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         _report(error)
         return 2
@@ -135,7 +187,7 @@ def main(argv=None) -> int:
     from mtp_megatron.training.run_lock import RunLockedError
 
     try:
-        train(cfg)
+        _train_resolved(cfg)
     except (ConfigError, CheckpointError, RunLockedError) as error:  # found once the job runs
         _report(error)
         return 2

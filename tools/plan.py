@@ -22,8 +22,10 @@ from typing import List, Optional
 # megatron-core warns at import about optional Apex / Transformer Engine kernels; irrelevant to a plan.
 warnings.filterwarnings("ignore", category=UserWarning)
 
-from mtp_megatron.config import ConfigError, load_config, validate_for_world  # noqa: E402
+from mtp_megatron.config import ConfigError  # noqa: E402
+from mtp_megatron.distributed.topology import validate_for_world  # noqa: E402
 from mtp_megatron.planner.estimate import GIB, Hardware, Plan, StageMemory, estimate, suggest  # noqa: E402
+from mtp_megatron.train import load_run_config  # noqa: E402
 
 
 FOOTNOTE = """\
@@ -141,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     hardware = Hardware(gpu_memory_gib=args.gpu_memory_gb, reserve_fraction=args.reserve,
                         peak_tflops=args.peak_tflops, mfu=args.mfu)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)  # a null model.vocab_size: the tokenizer's
         validate_for_world(cfg, world)
         plan = estimate(cfg, world, hardware, args.tokens)
     except ConfigError as e:

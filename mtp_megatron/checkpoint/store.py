@@ -27,6 +27,7 @@ Pure file-system code, no torch.distributed: the caller decides which rank runs 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -315,3 +316,22 @@ def _remove(folder: str) -> None:
     if os.path.exists(manifest):
         os.remove(manifest)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def disk_full(error: BaseException, folder: str) -> bool:
+    """Whether ``error`` (or what caused it) is a full disk: ENOSPC, or torch's zip writer failing (its message
+    hides the errno: "unexpected pos") while the file system has (almost) no space left."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    parent = folder
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        return shutil.disk_usage(parent or ".").free < 16 * 2**20
+    except OSError:
+        return False

@@ -17,7 +17,7 @@ from mtp_megatron.config.schema import (
     describe_fields,
     format_config_help,
 )
-from mtp_megatron.config.validate import validate, validate_for_training, validate_for_world
+from mtp_megatron.config.validate import validate, validate_for_training
 
 __all__ = [
     "CheckpointConfig",
@@ -40,5 +40,4 @@ __all__ = [
     "save_resolved_config",
     "validate",
     "validate_for_training",
-    "validate_for_world",
 ]

@@ -23,12 +23,11 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then each ``section.key=value`` override in order.
 
     Override values are parsed as YAML, so ``[a,b]``, ``true``, ``1e-4`` and ``null`` work. The result is checked
-    with ``validate``, then its tokenizer and data files are opened and checked, and a null ``model.vocab_size``
-    becomes the tokenizer's (``mtp_megatron.data.inputs``). World-size checks come later, with
-    ``validate_for_world``, once the launcher knows it.
+    with ``validate`` and nothing else: no file is read but the YAML. Opening the tokenizer and data files (which
+    fills a null ``model.vocab_size``) and reading a DeepSpeed JSON are an explicit later step,
+    ``mtp_megatron.train.resolve_run_inputs``, and the world-size checks are
+    ``mtp_megatron.distributed.topology.validate_for_world``, once the launcher knows it.
     """
-    from mtp_megatron.data.inputs import resolve_inputs  # imports the config package: import it once it is loaded
-
     cfg = Config()
     if path is not None:
         for section, values in _read_yaml(path).items():
@@ -38,13 +37,12 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
         section, key, value = _parse_override(override)
         _set(cfg, section, key, value, source=f"override {override!r}")
     validate(cfg)
-    resolve_inputs(cfg)
     return cfg
 
 
 def config_from_dict(values: Dict[str, Dict[str, Any]], source: str = "a saved config") -> Config:
-    """A ``Config`` from ``config_to_dict``'s output (a checkpoint's config), checked with ``validate`` but without
-    opening its tokenizer or data files, which need not exist where a checkpoint is read."""
+    """A ``Config`` from ``config_to_dict``'s output (a checkpoint's config), checked with ``validate``. Like
+    ``load_config`` it opens no tokenizer or data file, which need not exist where a checkpoint is read."""
     cfg = Config()
     for section, section_values in values.items():
         for key, value in section_values.items():

@@ -112,9 +112,10 @@ class ModelConfig:
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary rows after Megatron's padding: the next multiple of ``make_vocab_size_divisible_by * tp``.
-        Needs ``vocab_size`` resolved (``load_config`` fills it from the tokenizer)."""
+        Needs ``vocab_size`` resolved (``mtp_megatron.data.inputs.resolve_inputs`` fills it from the tokenizer)."""
         if self.vocab_size is None:
-            raise ValueError("model.vocab_size is unresolved: load the config with load_config, or set it")
+            raise ValueError("model.vocab_size is unresolved: resolve the config's inputs "
+                             "(mtp_megatron.train.resolve_run_inputs, or load_run_config), or set it")
         multiple = self.make_vocab_size_divisible_by * tp
         return multiple * math.ceil(self.vocab_size / multiple)
 
@@ -149,12 +150,19 @@ class ParallelConfig:
     """Pipeline-parallel size: the trunk's layers split into this many stages; the heads, final norm and
     unembedding sit on the last stage. Must divide the trunk's layer count."""
 
-    sharding: Literal["none", "distributed_optimizer", "zero1", "zero2", "zero3"] = "distributed_optimizer"
+    sharding: Literal["none", "distributed_optimizer", "zero1", "zero2", "zero3", "fsdp"] = "distributed_optimizer"
     """How training state is spread over data-parallel ranks. none = plain DDP: every DP rank keeps the full fp32
     master weights and Adam state; distributed_optimizer = megatron-core's distributed optimizer (master weights
     and Adam state sharded over DP, gradients reduce-scattered; works with TP x PP x DP); zero1 / zero2 / zero3 =
     DeepSpeed ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters, gathered layer by layer) with
-    TP x DP, no pipeline parallelism (pp=1)."""
+    TP x DP, no pipeline parallelism (pp=1); fsdp = torch FSDP2 (``fully_shard``: parameters, gradients and
+    optimizer state sharded over DP, each trunk layer gathered for its forward and backward) with TP x DP, pp=1,
+    fp32 or bf16, no sequence parallelism."""
+
+    fsdp_reshard_after_forward: bool = True
+    """sharding=fsdp: free each layer's gathered parameters after its forward and gather them again for its
+    backward (ZeRO-3's memory); false keeps them from forward to backward (ZeRO-2's memory, one all-gather less
+    per layer and step)."""
 
     sequence_parallel: bool = False
     """Megatron's sequence parallelism: with TP, split the activations outside the tensor-parallel regions (norms,

@@ -1,50 +1,23 @@
 """Every cross-field check of a ``Config``, in one place.
 
 Checks collect problems instead of stopping at the first, and raise one ``ConfigError`` listing each as
-``field: problem. Fix: ...``. ``validate`` needs only the config; ``validate_for_world`` adds what depends on the
-number of processes, once the launcher knows it.
+``field: problem. Fix: ...``. ``validate`` needs only the config. What depends on the number of processes is
+checked by ``mtp_megatron.distributed.topology.validate_for_world`` once the launcher knows it, and what the
+config's files hold (tokenizer, data, DeepSpeed JSON) by ``mtp_megatron.train.resolve_run_inputs``: this package
+reads nothing but the YAML and imports no other package of the project (tests/test_package_layout.py).
 """
 
-from typing import TYPE_CHECKING, List, Set
+from typing import List, Set
 
 from mtp_megatron.config.errors import ConfigError
 from mtp_megatron.config.schema import Config
 
-if TYPE_CHECKING:
-    from mtp_megatron.distributed.topology import ParallelDims
-
 
 def validate(cfg: Config) -> None:
     """Raise ``ConfigError`` if ``cfg`` cannot run at any world size."""
-    problems = _problems(cfg)
-    if problems:
-        raise ConfigError.from_problems(problems)
-
-
-def validate_for_world(cfg: Config, world_size: int) -> "ParallelDims":
-    """``validate`` plus the checks that need the world size; returns the resulting ``ParallelDims``."""
-    # Imported here, not at the top: topology imports ConfigError from this package, so a top-level import would
-    # be circular whenever topology is imported first.
-    from mtp_megatron.distributed.topology import ParallelDims, suggest_multiples
-
-    dims = ParallelDims(world_size=world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    problems = _problems(cfg)
-    layout_problems = dims.problems()
-    problems += layout_problems
-    train = cfg.train
-    if not layout_problems and train.micro_batch_size >= 1:
-        per_step = train.micro_batch_size * dims.dp
-        if train.global_batch_size % per_step != 0:
-            problems.append(
-                f"train.global_batch_size: {train.global_batch_size} is not a multiple of micro_batch_size*dp = "
-                f"{train.micro_batch_size}*{dims.dp} = {per_step} (dp = world size {world_size} / "
-                f"(tp {dims.tp} * pp {dims.pp})), so the number of microbatches would be "
-                f"{train.global_batch_size / per_step:g}. "
-                f"Fix: use {suggest_multiples(train.global_batch_size, per_step)}"
-            )
-    if problems:
-        raise ConfigError.from_problems(problems)
-    return dims
+    found = problems(cfg)
+    if found:
+        raise ConfigError.from_problems(found)
 
 
 def validate_for_training(cfg: Config) -> None:
@@ -68,7 +41,9 @@ class _Problems(list):
         self.append(f"{field}: {problem}. Fix: {fix}")
 
 
-def _problems(cfg: Config) -> List[str]:
+def problems(cfg: Config) -> List[str]:
+    """What ``validate`` would raise, as a list, for checks that add their own problems to the same message
+    (``validate_for_world``)."""
     out = _Problems()
     for check in (_check_sizes, _check_shapes, _check_trunk_and_heads, _check_parallel, _check_optim, _check_run):
         check(cfg, out)
@@ -219,6 +194,8 @@ def _check_parallel(cfg: Config, out: _Problems) -> None:
             f"is megatron DDP's; sharding={par.sharding} runs DeepSpeed's engine",
             'drop it and set DeepSpeed\'s {"zero_optimization": {"overlap_comm": true}} in parallel.deepspeed_config',
         )
+    if par.sharding == "fsdp":
+        _check_fsdp(cfg, out)
     if par.deepspeed_config and not deepspeed:
         out.add("parallel.deepspeed_config", f"is only read with sharding zero1, zero2 or zero3, not {par.sharding}",
                 "drop it, or choose a DeepSpeed sharding")
@@ -247,6 +224,29 @@ def _check_parallel(cfg: Config, out: _Problems) -> None:
             "needs overlap_grad_reduce=true (megatron's rule)",
             "set parallel.overlap_grad_reduce=true",
         )
+
+
+def _check_fsdp(cfg: Config, out: _Problems) -> None:
+    """What the FSDP2 engine (engines/fsdp.py) does not run: pipeline stages, fp16's loss scaling, sequence
+    parallelism, Transformer Engine's layers, and megatron DDP's overlap flags (FSDP2 overlaps its own
+    collectives)."""
+    par = cfg.parallel
+    if par.pp > 1 and "parallel.pp" not in out.bad:
+        out.add("parallel.sharding", f"fsdp runs without pipeline parallelism here (pp={par.pp})",
+                "set parallel.pp=1, or parallel.sharding=distributed_optimizer for TP x PP x DP")
+    if cfg.train.precision == "fp16":
+        out.add("train.precision", "fp16 is not supported with sharding=fsdp (no loss scaler)",
+                "use train.precision=bf16 (or fp32)")
+    if par.sequence_parallel:
+        out.add("parallel.sequence_parallel", "is not supported with sharding=fsdp: the norms' gradients must be "
+                "summed over TP ranks, which megatron's DDP does", "use sharding=distributed_optimizer with it")
+    if cfg.model.transformer_impl == "transformer_engine":
+        out.add("model.transformer_impl", "transformer_engine is not used with sharding=fsdp (FSDP2 runs "
+                "megatron-core's local layers: engines/fsdp.py)", "set model.transformer_impl=auto or local")
+    for name in ("overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(par, name):
+            out.add(f"parallel.{name}", "is megatron DDP's; sharding=fsdp overlaps its own all-gathers and "
+                    "reduce-scatters", f"drop parallel.{name}")
 
 
 def _check_optim(cfg: Config, out: _Problems) -> None:

@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 import torch
 
 from mtp_megatron.config import Config, config_from_dict
-from mtp_megatron.config.validate import validate_for_world
+from mtp_megatron.distributed.topology import validate_for_world
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,8 +88,10 @@ def _stored_precision(path: str) -> str:
 def read_checkpoint(path: str, device: str = "cpu") -> tuple[Config, dict[str, torch.Tensor]]:
     """(the run's config, dense state dict on ``device``) of our checkpoint at ``path`` (an ``iter_NNNNNNN``
     folder), in the dtype it stores."""
-    from mtp_megatron.checkpoint.checkpointer import Checkpointer, read_meta
+    from mtp_megatron.checkpoint.checkpointer import Checkpointer
+    from mtp_megatron.checkpoint.state import read_meta
     from mtp_megatron.checkpoint.store import verify
+    from mtp_megatron.engines import ModelOnly
     from mtp_megatron.model.builder import build_model
 
     verify(path)
@@ -98,7 +100,7 @@ def read_checkpoint(path: str, device: str = "cpu") -> tuple[Config, dict[str, t
     with single_process(device) as env:
         local = dense_config(cfg, _stored_precision(path), device)
         model = build_model(local, env)
-        Checkpointer(local, env, model).load(path, weights_only=True, verified=True)  # verified above
+        Checkpointer(local, env, ModelOnly(local, env, model)).load(path, weights_only=True, verified=True)
         # No clone: the model is dropped on return, so the dict's tensors are the only copy of the weights.
         state = {k: v.detach() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     return cfg, state

@@ -1,11 +1,12 @@
-"""Resolve and check what a config reads from disk, at load time: the tokenizer, the data files and a DeepSpeed
-JSON.
+"""Resolve and check what a config's data section reads from disk: the tokenizer and the data files.
 
-``load_config`` calls ``resolve_inputs`` after the pure checks, so a missing prefix, a corrupt ``.bin``, a blend
-whose weights do not match its paths, a tokenizer larger than the model's vocabulary or a split that leaves the
-validation set empty stop the launch with a config error, before any process group or model exists. It also
-fills ``model.vocab_size`` from the tokenizer when the config leaves it null, so the resolved config saved with
-the run names the exact shape.
+``load_config`` reads only the YAML; ``resolve_inputs`` is the explicit next step (with the DeepSpeed JSON check,
+in ``mtp_megatron.train.resolve_run_inputs``, which the command line and the launchers run before anything
+starts). So a missing prefix, a corrupt ``.bin``, a blend whose weights do not match its paths, a tokenizer
+larger than the model's vocabulary or a split that leaves the validation set empty stop the launch with a config
+error, before any process group or model exists. It also fills ``model.vocab_size`` from the tokenizer when the
+config leaves it null, so the resolved config saved with the run names the exact shape. Calling it again on a
+resolved config checks the same files and changes nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from mtp_megatron.config.errors import ConfigError
 from mtp_megatron.config.schema import Config
 from mtp_megatron.data.index_file import DataFileError, inspect_indexed_dataset, read_tokenizer_record
 from mtp_megatron.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_identity
-from mtp_megatron.training.deepspeed_config import deepspeed_config_problems
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -60,7 +60,8 @@ def split_document_counts(split: str, num_documents: int) -> List[int]:
 
 
 def resolve_inputs(cfg: Config) -> None:
-    """Load the tokenizer, fill a null ``model.vocab_size`` from it and check the data; ``ConfigError`` if bad."""
+    """Load the tokenizer, fill a null ``model.vocab_size`` from it and check the data; ``ConfigError`` if bad.
+    Cheap (the tokenizer and each dataset's index, not its tokens) and idempotent."""
     try:
         tokenizer = build_tokenizer(cfg.tokenizer.type, cfg.tokenizer.model)
     except TokenizerError as e:
@@ -76,7 +77,6 @@ def resolve_inputs(cfg: Config) -> None:
     if cfg.data.paths:
         problems += _data_problems(cfg, tokenizer.vocab_size)
         problems += _tokenizer_problems(cfg)
-    problems += deepspeed_config_problems(cfg)
     if problems:
         raise ConfigError.from_problems(problems)
 

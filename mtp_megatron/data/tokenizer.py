@@ -14,9 +14,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from typing import Iterable, List, Optional, Union
+from typing import TYPE_CHECKING, Iterable, List, Optional, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mtp_megatron.config.schema import DataConfig, TokenizerConfig
 
 # Special ids of the sentencepiece models tools/train_tokenizer.py trains (models from elsewhere keep their own).
 SPM_PAD_ID, SPM_UNK_ID, SPM_BOS_ID, SPM_EOS_ID = 0, 1, 2, 3
@@ -104,6 +107,15 @@ def build_tokenizer(kind: Optional[str], model: Optional[str] = None) -> Tokeniz
             raise TokenizerError("a sentencepiece tokenizer needs tokenizer.model=PATH (a .model file)")
         return SentencePieceTokenizer(model)
     raise TokenizerError(f"unknown tokenizer type {kind!r}; choose sentencepiece or byte")
+
+
+def document_eod(tokenizer: "TokenizerConfig", data: "DataConfig") -> Optional[int]:
+    """The id that ends each document, when documents are masked from each other (``data.reset_attention_mask``),
+    else None: what ``build_model(cfg, env, document_eod=...)`` needs so a head skips targets in a later document.
+    Read here, in the data package, because the model package opens no tokenizer."""
+    if not data.reset_attention_mask:
+        return None
+    return build_tokenizer(tokenizer.type, tokenizer.model).eod
 
 
 def tokenizer_identity(kind: Optional[str], model: Optional[str] = None) -> dict:

@@ -3,8 +3,8 @@
 This module exists for CPU tests and laptops only. ``init_distributed`` imports it when the run's device is
 CPU; a GPU run never imports it, so none of these patches can change GPU behaviour.
 
-megatron-core assumes CUDA in a handful of places (see shared/docs/platform.md). Each patch below maps one of
-them to its CPU equivalent:
+megatron-core assumes CUDA in a handful of places (docs/platform.md). Each patch below maps one of them to its
+CPU equivalent:
 
 * ``torch.cuda.current_device()`` (grad buffers, p2p communication, mappings): returns ``"cpu"``.
 * Hard-coded ``device="cuda"`` / ``Tensor.cuda()`` (schedules, optimizer, clip_grads): a ``TorchFunctionMode``

@@ -1,13 +1,16 @@
 """The parallel topology as pure arithmetic: TP x PP x DP, checked without any process group.
 
-Everything here is a function of (world_size, tp, pp), so it is tested on one CPU process and used by config
-validation before ``torch.distributed`` is initialised. Context and expert parallelism are not used (cp = ep = 1).
+Everything here is a function of (world_size, tp, pp), so it is tested on one CPU process and used by the
+launchers' config check (``validate_for_world``) before ``torch.distributed`` is initialised. Context and expert
+parallelism are not used (cp = ep = 1).
 """
 
 from dataclasses import dataclass
 from typing import List, Tuple
 
 from mtp_megatron.config.errors import ConfigError
+from mtp_megatron.config.schema import Config
+from mtp_megatron.config.validate import problems as config_problems
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,26 @@ def suggest_multiples(value: int, unit: int) -> str:
     lower = (value // unit) * unit
     options = [m for m in (lower, lower + unit) if m > 0]
     return " or ".join(f"{m} ({m // unit} microbatch{'es' if m // unit != 1 else ''} per step)" for m in options)
+
+
+def validate_for_world(cfg: Config, world_size: int) -> ParallelDims:
+    """``validate`` plus the checks that need the world size, in one ``ConfigError``; returns the resulting
+    ``ParallelDims``. Here rather than in the config package, which knows nothing of process layouts."""
+    dims = ParallelDims(world_size=world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    problems = config_problems(cfg)
+    layout_problems = dims.problems()
+    problems += layout_problems
+    train = cfg.train
+    if not layout_problems and train.micro_batch_size >= 1:
+        per_step = train.micro_batch_size * dims.dp
+        if train.global_batch_size % per_step != 0:
+            problems.append(
+                f"train.global_batch_size: {train.global_batch_size} is not a multiple of micro_batch_size*dp = "
+                f"{train.micro_batch_size}*{dims.dp} = {per_step} (dp = world size {world_size} / "
+                f"(tp {dims.tp} * pp {dims.pp})), so the number of microbatches would be "
+                f"{train.global_batch_size / per_step:g}. "
+                f"Fix: use {suggest_multiples(train.global_batch_size, per_step)}"
+            )
+    if problems:
+        raise ConfigError.from_problems(problems)
+    return dims

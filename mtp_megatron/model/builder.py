@@ -1,20 +1,17 @@
-"""From our config to this pipeline stage's model, wrapped for mixed precision and data parallelism."""
+"""From our config to this pipeline stage's bare model (the engines wrap it for mixed precision and data
+parallelism: engines/)."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import scaled_init_method_normal
 
 from mtp_megatron.config import Config
-from mtp_megatron.data.tokenizer import build_tokenizer
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.model.gpt import MTPGPTModel
 from mtp_megatron.model.specs import layer_and_norm_specs
@@ -82,23 +79,31 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
     return config
 
 
-def build_model(cfg: Config, env: ParallelEnv) -> MTPGPTModel:
-    """This stage's bare model (no DDP), on the run's device and in the run's precision."""
+def build_model(cfg: Config, env: ParallelEnv, document_eod: Optional[int] = None) -> MTPGPTModel:
+    """This stage's bare model (no DDP), on the run's device and in the run's precision. ``document_eod``: see
+    ``construct_model``."""
     model = construct_model(cfg, transformer_config(cfg, env.device), env.groups, env.is_first_stage,
-                            env.is_last_stage, cuda=env.device.type == "cuda")
+                            env.is_last_stage, cuda=env.device.type == "cuda", document_eod=document_eod)
     return model.to(env.device)
 
 
 def construct_model(cfg: Config, config: TransformerConfig, groups, first_stage: bool,
-                    last_stage: bool, cuda: bool = False) -> MTPGPTModel:
+                    last_stage: bool, cuda: bool = False, document_eod: Optional[int] = None) -> MTPGPTModel:
     """The stage's ``MTPGPTModel`` where torch creates tensors now (the planner builds it on the meta device).
     ``cuda``: it will run on CUDA, where ``model.transformer_impl=auto`` picks Transformer Engine if installed; a
-    CPU build always has the local layers."""
+    CPU build always has the local layers.
+
+    ``document_eod``: the tokenizer's end-of-document id, required with ``data.reset_attention_mask`` (the heads
+    then skip targets in a later document) and unused without. The caller reads it with
+    ``mtp_megatron.data.tokenizer.document_eod``: the model package opens no tokenizer.
+    """
+    if cfg.data.reset_attention_mask and document_eod is None:
+        raise ValueError("data.reset_attention_mask needs document_eod, the tokenizer's end-of-document id: pass "
+                         "document_eod=mtp_megatron.data.tokenizer.document_eod(cfg.tokenizer, cfg.data)")
+    if not cfg.data.reset_attention_mask:
+        document_eod = None  # without document masks every target counts, whatever the caller passed
     layer_spec, norm_spec = layer_and_norm_specs(cfg.model, explicit_attention_mask=cfg.data.reset_attention_mask,
                                                  init_seed=cfg.train.seed, cuda=cuda)
-    document_eod = None
-    if cfg.data.reset_attention_mask:
-        document_eod = build_tokenizer(cfg.tokenizer.type, cfg.tokenizer.model).eod
     return MTPGPTModel(
         config,
         layer_spec,
@@ -117,45 +122,3 @@ def construct_model(cfg: Config, config: TransformerConfig, groups, first_stage:
         init_seed=cfg.train.seed,
         pg_collection=groups,
     )
-
-
-def wrap_model(model: MTPGPTModel, cfg: Config, env: ParallelEnv) -> DistributedDataParallel:
-    """Mixed-precision wrapper (bf16/fp16 weights, fp32 main params in the optimizer) and megatron DDP."""
-    config = model.config
-    if config.bf16 or config.fp16:
-        model = Float16Module(config, model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        overlap_param_gather=cfg.parallel.overlap_param_gather,
-        use_distributed_optimizer=cfg.parallel.sharding == "distributed_optimizer",
-        # Heads see every sample of the microbatch, so the gradient is a per-DP-rank mean; average in DDP.
-        average_in_collective=False,
-    )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, pg_collection=env.groups)
-
-
-def sync_parameters(model) -> None:
-    """Bring this rank's weights up to date before anything reads them (a checkpoint save, an export).
-
-    With ``parallel.overlap_param_gather`` the distributed optimizer updates only this DP rank's shard of the
-    weights in ``optimizer.step()`` and leaves the all-gather of the other shards to the next forward's pre-hooks,
-    so until then every rank holds a mix of this step's and the previous step's weights. Megatron-LM forces the
-    gather before every save (``force_param_sync`` in its training loop); so do we. Collective over DP.
-    """
-    if getattr(model, "use_forward_hook", False):
-        model.start_param_sync(force_sync=True)
-
-
-@contextlib.contextmanager
-def gathered_parameters(model) -> Iterator[None]:
-    """Current weights on every rank, and no overlapped gather, for a forward-only pass (evaluation), as
-    Megatron-LM's ``disable_forward_pre_hook`` / ``enable_forward_pre_hook`` around its evaluation."""
-    if not getattr(model, "use_forward_hook", False):
-        yield
-        return
-    model.disable_forward_pre_hook(param_sync=True)
-    try:
-        yield
-    finally:
-        model.enable_forward_pre_hook()

@@ -22,7 +22,7 @@ function as the unfused path:
 * ``gradient_accumulation_fusion``: the weight-gradient GEMM accumulates straight into megatron DDP's fp32
   ``main_grad``. Needs Apex's ``fused_weight_gradient_mlp_cuda`` even with Transformer Engine layers (the heads'
   unembedding is megatron's own ColumnParallelLinear, which refuses the setting without it), and megatron DDP
-  (``parallel.sharding`` none or distributed_optimizer): under DeepSpeed ZeRO parameters have no ``main_grad``
+  (``parallel.sharding`` none or distributed_optimizer): under DeepSpeed ZeRO and FSDP2 parameters have no ``main_grad``
   and the fused backward would fail.
 
 ``train.fused_kernels=false`` keeps them all off (to measure without them); CPU runs never use them
@@ -126,8 +126,8 @@ def cuda_fusions(cfg: Config) -> FusionChoice:
     elif not fused_rope_available():
         why_off["apply_rope_fusion"] = "Transformer Engine's fused RoPE is not installed"
     if cfg.parallel.sharding not in MEGATRON_DDP_SHARDING:
-        why_off["gradient_accumulation_fusion"] = (f"parallel.sharding={cfg.parallel.sharding} (DeepSpeed) keeps no "
-                                                   "main_grad to accumulate into")
+        why_off["gradient_accumulation_fusion"] = (f"parallel.sharding={cfg.parallel.sharding} (not megatron's DDP) "
+                                                   "keeps no main_grad to accumulate into")
     elif not grad_accumulation_kernel_available():
         why_off["gradient_accumulation_fusion"] = "Apex's fused_weight_gradient_mlp_cuda is not installed"
     why_off = {name: why_off[name] for name in FUSIONS if why_off.get(name)}

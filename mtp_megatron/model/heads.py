@@ -7,7 +7,7 @@ ordinary next-token path, so n=1 is a plain GPT. Targets: model/targets.py.
 
 Training objective: the sum over heads of each head's mean cross-entropy over all of its target tokens in the
 global batch (every microbatch on every data-parallel rank), as torchtitan and OLMo-core normalise. The training
-step knows each head's global target count N_i before it runs the microbatches (training/step.py) and hands
+step knows each head's global target count N_i before it runs the microbatches (engines/step.py) and hands
 every head the factor ``weights[i]`` = num_microbatches x dp / N_i; a microbatch's loss is then
 sum_i weights[i] x (sum of head i's token losses), which the schedule's 1/num_microbatches and DDP's 1/dp turn
 into exactly sum_i (head i's global token-loss sum) / N_i. Without weights (evaluation) a microbatch's loss is the
@@ -21,7 +21,7 @@ Two orders compute the same gradients:
   pipeline schedule runs backward on it, ``_SequentialHeadsLoss.backward`` runs each head's forward and backward
   in turn with the schedule's real gradient scale (1/num_microbatches times any loss scale), adds each head's
   gradient into one dL/dz, and frees that head's logits before the next. Peak logit memory is one head's.
-  This is variant D of shared/docs/method.md: no recomputation, exact scale, and megatron DDP's gradient hooks
+  This is variant D of docs/method.md: no recomputation, exact scale, and megatron DDP's gradient hooks
   fire during backward as the schedules expect. Its one caveat: the loss *values* are only known after
   backward, so they are written into a statistics tensor that the loss function hands to the schedule.
 
@@ -175,7 +175,7 @@ class MTPHeads(MegatronModule):
         return total, stats
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        # A plain ModuleList would be saved as if replicated over TP (wrong on reload, see platform.md):
+        # A plain ModuleList would be saved as if replicated over TP (wrong on reload, see docs/platform.md):
         # each head layer shards itself, and the shared modules need the TP group.
         state = {}
         for k, layer in enumerate(self.layers):

@@ -8,16 +8,18 @@ Training state (what the trainer's engines keep; mtp_megatron/training/memory.py
 
 * weights: ``P * w``; ZeRO-3 keeps ``P * w / dp`` plus its gathered working set, taken as 2 units (the one being
   computed and the one prefetched), a unit being the largest of one layer, the embedding and the unembedding.
+  FSDP2 (engines/fsdp.py) keeps fp32 shards, ``4 P / dp``, and the same gathered working set in ``w``.
 * gradients: megatron-core DDP (sharding none / distributed_optimizer) keeps an fp32 buffer of every gradient
-  (``grad_reduce_in_fp32=True`` in builder.wrap_model; the distributed optimizer reduce-scatters inside that same
-  full buffer): ``4 P``. DeepSpeed accumulates gradients in the parameter dtype by default (the generated config
-  sets no ``data_types.grad_accum_dtype``): ZeRO-1 keeps the full gradients, ``w P``; ZeRO-2 and ZeRO-3 only
-  their partition, ``w P / dp``; every ZeRO stage also allocates one reduce bucket of ``reduce_bucket_size``
-  elements in that dtype, whatever the model's size (DeepSpeed's default 5e8, i.e. 0.93 GiB in bf16; one buffer,
-  as ``overlap_comm`` is off by default). docs/benchmarks.md section 5 measured these shares (fp32, CPU).
+  (``grad_reduce_in_fp32=True`` in engines/megatron.py ``wrap_model``; the distributed optimizer reduce-scatters
+  inside that same full buffer): ``4 P``. DeepSpeed accumulates gradients in the parameter dtype by default
+  (the generated config sets no ``data_types.grad_accum_dtype``): ZeRO-1 keeps the full gradients, ``w P``;
+  ZeRO-2 and ZeRO-3 only their partition, ``w P / dp``; every ZeRO stage also allocates one reduce bucket of
+  ``reduce_bucket_size`` elements in that dtype, whatever the model's size (DeepSpeed's default 5e8, i.e.
+  0.93 GiB in bf16; one buffer, as ``overlap_comm`` is off by default). FSDP2 keeps its fp32 shard,
+  ``4 P / dp``. docs/benchmarks.md section 5 measured these shares (fp32, CPU).
 * optimizer: Adam's exp_avg and exp_avg_sq, ``8 P``, plus an fp32 master copy, ``4 P``, when the weights are not
-  fp32 (megatron-core) or always (DeepSpeed keeps its own fp32 partition); divided by ``dp`` under
-  distributed_optimizer and zero1/2/3.
+  fp32 (megatron-core) or always (DeepSpeed keeps its own fp32 partition; FSDP2's fp32 shards are the master
+  copy); divided by ``dp`` under distributed_optimizer, zero1/2/3 and fsdp.
 
 Activations, per transformer layer and microbatch, for 16-bit activations (Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models", Sec. 4), s = sequence, b = micro batch, h = hidden,
@@ -55,13 +57,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
-from mtp_megatron.config import Config, ConfigError, validate_for_world
+from mtp_megatron.config import Config, ConfigError
+from mtp_megatron.distributed.topology import validate_for_world
 from mtp_megatron.planner.stages import StageParams, stage_params, total_params
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size, in elements
-SHARDED_OPTIMIZER = ("distributed_optimizer", "zero1", "zero2", "zero3")
+SHARDED_OPTIMIZER = ("distributed_optimizer", "zero1", "zero2", "zero3", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -140,17 +143,22 @@ class Layout:
 
 
 def weights_bytes(p: int, largest_module: int, lay: Layout) -> float:
-    """``P w``; ZeRO-3: ``P w / dp + 2 * largest_module * w`` (own partition + gathered working set)."""
-    if lay.sharding == "zero3":
-        return p * lay.weight_bytes / lay.dp + 2 * min(largest_module, p) * lay.weight_bytes
+    """``P w``; ZeRO-3: ``P w / dp + 2 * largest_module * w`` (own partition + gathered working set); FSDP2 the
+    same with fp32 shards."""
+    if lay.sharding in ("zero3", "fsdp"):
+        shard = 4 if lay.sharding == "fsdp" else lay.weight_bytes
+        return p * shard / lay.dp + 2 * min(largest_module, p) * lay.weight_bytes
     return p * lay.weight_bytes
 
 
 def grads_bytes(p: int, lay: Layout) -> float:
-    """megatron DDP: ``4 P``; ZeRO-1: ``w P``; ZeRO-2/3: ``w P / dp``; ZeRO also its reduce bucket (``5e8 w``)."""
+    """megatron DDP: ``4 P``; ZeRO-1: ``w P``; ZeRO-2/3: ``w P / dp``; ZeRO also its reduce bucket (``5e8 w``);
+    FSDP2: ``4 P / dp``."""
     w = lay.weight_bytes
     if lay.sharding in ("none", "distributed_optimizer"):
         return 4.0 * p
+    if lay.sharding == "fsdp":
+        return 4.0 * p / lay.dp
     bucket = DEEPSPEED_REDUCE_BUCKET * w  # torch.empty(reduce_bucket_size) in ZeRO's optimizer, not sized by P
     if lay.sharding == "zero1":
         return w * p + bucket
@@ -160,7 +168,7 @@ def grads_bytes(p: int, lay: Layout) -> float:
 def optimizer_bytes(p: int, lay: Layout) -> float:
     """``(8 + 4 if a separate fp32 master copy) P``, ``/ dp`` when the optimizer state is sharded."""
     deepspeed = lay.sharding.startswith("zero")
-    master = 4 if (deepspeed or lay.precision != "fp32") else 0
+    master = 4 if (deepspeed or (lay.precision != "fp32" and lay.sharding != "fsdp")) else 0
     per_param = 8 + master
     return per_param * p / (lay.dp if lay.sharding in SHARDED_OPTIMIZER else 1)
 
@@ -332,7 +340,7 @@ def apply_change(cfg: Config, change: Change) -> Config:
     return out
 
 
-_SHARDING_STRENGTH = {"none": 0, "distributed_optimizer": 1, "zero1": 1, "zero2": 2, "zero3": 3}
+_SHARDING_STRENGTH = {"none": 0, "distributed_optimizer": 1, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
 _RECOMPUTE_STRENGTH = {"none": 0, "selective": 1, "full": 2}
 
 

@@ -160,8 +160,9 @@ def _build_on_meta(cfg: Config, groups, first: bool, last: bool):
     (``use_cpu_initialization``: megatron then creates weights with plain ``torch.empty``, which the meta
     device context captures, where its GPU path names ``torch.cuda.current_device()`` explicitly), and the local
     layer spec without document masks (Transformer Engine's fused modules hold the same parameters, and may not be
-    installed, or not support meta; document masks only read the tokenizer). Initialisation stays on: on meta it
-    is a no-op, and it is what marks TP-split weights ``tensor_model_parallel``.
+    installed, or not support meta; document masks change no shape and would need the tokenizer's end-of-document
+    id). Initialisation stays on: on meta it is a no-op, and it is what marks TP-split weights
+    ``tensor_model_parallel``.
     """
     import torch
 

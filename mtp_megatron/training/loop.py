@@ -8,49 +8,31 @@ import time
 
 import torch
 
-from megatron.core.distributed import finalize_model_grads
-from megatron.core.utils import get_model_config
-
-from mtp_megatron.checkpoint import store
-from mtp_megatron.checkpoint.checkpointer import Checkpointer
 from mtp_megatron.config import Config
 from mtp_megatron.data.loader import microbatches
 from mtp_megatron.distributed.parallel import ParallelEnv
-from mtp_megatron.model.builder import gathered_parameters
+from mtp_megatron.engines import Engine
+from mtp_megatron.engines.step import StepResult
 from mtp_megatron.training.metrics import MetricsLogger
 from mtp_megatron.training.state import TrainState
 from mtp_megatron.training.stopping import StopRequests
-from mtp_megatron.training.step import StepResult, eval_step, train_step
-
-
-def connect_schedule_hooks(model, optimizer, cfg: Config) -> None:
-    """Hand the pipeline schedules the DDP and optimizer callbacks they drive (as Megatron-LM's training does)."""
-    config = get_model_config(model)
-    config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    if cfg.parallel.overlap_grad_reduce:
-        config.grad_sync_func = model.start_grad_sync
-    if cfg.parallel.overlap_param_gather:
-        config.param_sync_func = model.start_param_sync
 
 
 class NonFiniteStepError(RuntimeError):
     """Training met a non-finite loss or gradient norm that its ``train.nan_policy`` does not tolerate."""
 
 
-def fit(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, train_data, valid_data,
-        logger: MetricsLogger, state: TrainState | None = None, checkpointer: Checkpointer | None = None,
-        stop: StopRequests | None = None) -> list[StepResult]:
+def fit(cfg: Config, env: ParallelEnv, engine: Engine, train_data, valid_data, logger: MetricsLogger,
+        state: TrainState | None = None, checkpointer=None, stop: StopRequests | None = None) -> list[StepResult]:
     """Train from ``state`` (a fresh run by default) to ``cfg.train.iters``, or until ``stop`` says so, saving
-    through ``checkpointer``; updates ``state`` in place and returns every step's result (for tests and callers)."""
+    through ``checkpointer`` (checkpoint/checkpointer.py, built on the same engine; None: no checkpoints);
+    updates ``state`` in place and returns every step's result (for tests and callers)."""
     state = state if state is not None else TrainState()
     data = microbatches(train_data, state.consumed_samples, cfg, env)
     history, stop_reason = [], None
     write_run_state(cfg, env, "running", state)
     try:
-        stop_reason = _train_steps(cfg, env, model, optimizer, scheduler, data, valid_data, logger, state,
-                                   checkpointer, stop, history)
+        stop_reason = _train_steps(cfg, env, engine, data, valid_data, logger, state, checkpointer, stop, history)
         if checkpointer is not None:
             checkpointer.close()  # wait for a background save: the run is not safe to leave before it is committed
     except BaseException as error:  # say so in run_state.json (launchers read it), then fail as before
@@ -60,9 +42,8 @@ def fit(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, train_data, 
     return history
 
 
-def _train_steps(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, data, valid_data,
-                 logger: MetricsLogger, state: TrainState, checkpointer: Checkpointer | None,
-                 stop: StopRequests | None, history: list) -> str | None:
+def _train_steps(cfg: Config, env: ParallelEnv, engine: Engine, data, valid_data, logger: MetricsLogger,
+                 state: TrainState, checkpointer, stop: StopRequests | None, history: list) -> str | None:
     """Steps until ``train.iters`` or an agreed stop (whose reason it returns), saving as configured."""
     num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
@@ -70,9 +51,9 @@ def _train_steps(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, dat
     skips = _SkipCounter(cfg)
     stop_reason = None
     while state.step < cfg.train.iters:
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        lr = engine.lr  # the rate this step's update uses
         start = time.perf_counter()
-        result = train_step([model], optimizer, scheduler, data, num_microbatches, cfg, env)
+        result = engine.train_step(data, num_microbatches)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -88,7 +69,7 @@ def _train_steps(cfg: Config, env: ParallelEnv, model, optimizer, scheduler, dat
                        total_steps=cfg.train.iters)
         # Every rank joins the evaluation, also those that read no data (valid_data None on them).
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or last):
-            logger.log(step, evaluate(cfg, env, model, valid_data).as_dict(prefix="val/"))
+            logger.log(step, evaluate(cfg, env, engine, valid_data).as_dict(prefix="val/"))
         if checkpointer is not None:
             checkpointer.finalize()  # commit a finished background save
         stop_reason = stop.agreed_reason(step) if stop is not None else None
@@ -110,7 +91,7 @@ class _SkipCounter:
         self.policy, self.limit, self.lr = cfg.train.nan_policy, cfg.train.nan_skip_limit, cfg.optim.lr
         self.total = self.in_a_row = 0
 
-    def update(self, step: int, result: StepResult, checkpointer: Checkpointer | None) -> None:
+    def update(self, step: int, result: StepResult, checkpointer) -> None:
         if result.skip_reason is None or result.skip_reason.startswith("fp16"):  # fp16 overflow is routine
             self.in_a_row = 0
             return
@@ -132,13 +113,12 @@ class _SkipCounter:
         print(f"[nan] step {step}: {what} is not finite; update skipped ({self.in_a_row} in a row, "
               f"{self.total} in all)", flush=True)
 
-    def _rollback_advice(self, first_bad_step: int, checkpointer: Checkpointer | None) -> str:
+    def _rollback_advice(self, first_bad_step: int, checkpointer) -> str:
         """A command line that restarts from the newest checkpoint saved before the streak, at half the lr."""
-        before = [path for path in store.committed(checkpointer.root) if (store.step_of(path) or 0) < first_bad_step
-                  ] if checkpointer is not None else []
-        if not before:
+        target = checkpointer.newest_before(first_bad_step) if checkpointer is not None else None
+        if target is None:
             return "No checkpoint precedes the diverging steps: start over with a lower optim.lr, or investigate the data."
-        return (f"To roll back, rerun the same command with checkpoint.load={before[-1]} optim.lr={self.lr / 2:g} "
+        return (f"To roll back, rerun the same command with checkpoint.load={target} optim.lr={self.lr / 2:g} "
                 "(the run continues from that checkpoint; the later ones are kept in checkpoints/set_aside/), or "
                 "investigate the data.")
 
@@ -159,13 +139,13 @@ def write_run_state(cfg: Config, env: ParallelEnv, status: str, state: TrainStat
         print(f"[run] could not write {path}: {error.strerror}", flush=True)
 
 
-def evaluate(cfg: Config, env: ParallelEnv, model, valid_data) -> StepResult:
+def evaluate(cfg: Config, env: ParallelEnv, engine: Engine, valid_data) -> StepResult:
     """Per-head loss and accuracy over the first ``eval_iters`` global batches of the validation split.
 
     Collective over the whole job: ranks that read no data pass ``valid_data=None``.
     """
     num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     data = microbatches(valid_data, 0, cfg, env)
-    with gathered_parameters(model):  # overlap_param_gather: this step's weights on every rank first
-        results = [eval_step([model], data, num_microbatches, cfg, env) for _ in range(cfg.train.eval_iters)]
+    with engine.gathered_parameters():  # overlap_param_gather: this step's weights on every rank first
+        results = [engine.eval_step(data, num_microbatches) for _ in range(cfg.train.eval_iters)]
     return StepResult.merge(results)

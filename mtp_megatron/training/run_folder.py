@@ -48,7 +48,7 @@ def _claim(run_dir: str) -> RunLock:
     return lock
 
 
-def record_run(cfg: Config, model, rank: int, device: Optional[torch.device] = None) -> None:
+def record_run(cfg: Config, engine, rank: int, device: Optional[torch.device] = None) -> None:
     """Rank 0: the resolved ``config.yaml`` and the engine's own files (a DeepSpeed run's generated JSON); on CUDA
     (``device``) one log line saying which of megatron-core's fused kernels the model uses, and why not the others."""
     if rank != 0:
@@ -58,6 +58,4 @@ def record_run(cfg: Config, model, rank: int, device: Optional[torch.device] = N
 
         print(f"[run] fused kernels: {cuda_fusions(cfg).summary()}", flush=True)
     save_resolved_config(cfg, cfg.run.dir)
-    from mtp_megatron.training.deepspeed_engine import write_engine_config
-
-    write_engine_config(model, cfg.run.dir)
+    engine.write_run_files(cfg.run.dir)

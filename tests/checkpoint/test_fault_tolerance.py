@@ -3,7 +3,7 @@
 A rank killed while a checkpoint is being written, a stop signal that reaches one rank only, and a rank lost
 mid-run under ``torchrun --max-restarts``: each time the run continues from the newest complete checkpoint and
 ends with exactly the losses of an uninterrupted run (fp32 on CPU is deterministic, so the floats logged in
-metrics.jsonl are compared with ``==``). Faults come from mtp_megatron.testing.faults (``MTP_FAULT``).
+metrics.jsonl are compared with ``==``). Faults come from tests/faults.py (``MTP_FAULT``).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_rank_killed_during_save_leaves_previous_checkpoint_and_resume_matches(t
     fails, step 6 is never committed and ``latest`` stays at step 4. The next start drops the partial folder,
     resumes from step 4 and logs steps 5-8 with exactly the uninterrupted run's losses."""
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    cmd = _torchrun("mtp_megatron.testing.faults", _args(run_dir, iters=8, interval=2))
+    cmd = _torchrun("tests.faults", _args(run_dir, iters=8, interval=2))
     job = jobs(cmd, tmp_path, "killed", MTP_FAULT="kill_during_save=6,rank=1")
     assert job.wait() != 0, job.tail()
     assert "[fault] rank 1: SIGKILL while saving step 6" in job.stdout, job.tail()
@@ -258,7 +258,7 @@ def test_torchrun_restart_after_a_lost_rank_resumes_and_matches(tmp_path, jobs, 
     attempt gets a fresh store on a fresh port.
     """
     run_dir = tmp_path / "run"
-    cmd = _torchrun("mtp_megatron.testing.faults", _args(run_dir, iters=8, interval=2), max_restarts=1)
+    cmd = _torchrun("tests.faults", _args(run_dir, iters=8, interval=2), max_restarts=1)
     job = jobs(cmd, tmp_path, "restarted", MTP_FAULT="kill_rank=1,at_step=5", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     assert job.wait() == 0, job.tail()
     assert job.stdout.count("[fault] rank 1: SIGKILL after step 5") == 1, job.tail()  # the first attempt only
@@ -275,7 +275,7 @@ def test_torchrun_restart_after_a_lost_rank_resumes_and_matches(tmp_path, jobs, 
 
 def test_fault_specs_parse_strictly(monkeypatch, capsys):
     """MTP_FAULT is parsed strictly: a typo fails the command (status 2) instead of running without a fault."""
-    from mtp_megatron.testing import faults
+    from tests import faults
 
     assert faults.parse("kill_rank=1,at_step=5") == {"kill_rank": 1, "at_step": 5}
     assert faults.parse(" kill_during_save=6 , rank=1 ") == {"kill_during_save": 6, "rank": 1}

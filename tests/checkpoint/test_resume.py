@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-from megatron.core.utils import unwrap_model
 
 from mtp_megatron.checkpoint.store import CheckpointError
 from mtp_megatron.config import load_config
@@ -63,10 +62,11 @@ def test_resume_is_bitwise_exact_under_tp2_pp2(tmp_path, byte_datasets):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("sharding", ["distributed_optimizer", "none", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("sharding", ["distributed_optimizer", "none", "zero1", "zero2", "zero3", "fsdp"])
 def test_resume_is_bitwise_exact_under_data_parallelism(tmp_path, byte_datasets, sharding):
-    """DP=2: under the distributed optimizer and ZeRO the optimizer state is sharded over the two ranks
-    (megatron-core gathers and re-splits it; DeepSpeed writes and reads each rank's partition)."""
+    """DP=2: under the distributed optimizer, ZeRO and FSDP2 the optimizer state is sharded over the two ranks
+    (megatron-core gathers and re-splits it; DeepSpeed writes and reads each rank's partition; FSDP2's goes
+    through torch distributed checkpoint)."""
     runs = run_distributed(uninterrupted_and_resumed, 2, str(tmp_path), byte_datasets,
                            [f"parallel.sharding={sharding}", "model.hidden_dropout=0.1"])[0]
     _assert_bitwise_continuation(runs)
@@ -170,41 +170,46 @@ def train_with_nan_in_head(tmp: str, data: list[str], head: int, steps: set, ove
                            deepspeed_blind: bool = False):
     """Train with the output of head ``head``'s transformer layer turned to NaN during the given steps.
     ``deepspeed_blind``: switch off ZeRO's own overflow check, as some DeepSpeed releases have it for bf16."""
-    import mtp_megatron.training.loop as loop
-    import mtp_megatron.training.setup as setup
+    import mtp_megatron.engines as engines
 
     current = {"step": 0}
-    train_step, setup_model = loop.train_step, setup.setup_model_and_optimizer
+    build = engines.build_engine
 
-    def counting_train_step(*args, **kwargs):
-        current["step"] += 1
-        return train_step(*args, **kwargs)
+    def build_with_poison(cfg, env, module=None):
+        engine = build(cfg, env, module)
+        train_step = engine.train_step
 
-    def setup_with_hook(cfg, env):
-        model, optimizer, scheduler = setup_model(cfg, env)
+        def counting_train_step(*args, **kwargs):
+            current["step"] += 1
+            return train_step(*args, **kwargs)
+
+        engine.train_step = counting_train_step
         if env.is_last_stage:
             def poison(module, args, output):
                 if current["step"] in steps:
                     return (output[0] * float("nan"), *output[1:])
-            unwrap_model(model).mtp_heads.layers[head - 1].register_forward_hook(poison)
+            engine.module.mtp_heads.layers[head - 1].register_forward_hook(poison)
         if deepspeed_blind:
-            model.optimizer.check_grad_overflow = False
-        return model, optimizer, scheduler
+            engine.model.optimizer.check_grad_overflow = False
+        return engine
 
-    loop.train_step, setup.setup_model_and_optimizer = counting_train_step, setup_with_hook
+    engines.build_engine = build_with_poison
     cfg = _config(tmp, "nan", data, "parallel.pp=2", "checkpoint.interval=1", *overrides)
     try:
         history = train(cfg)
     except Exception as error:  # the caller inspects it
         return {"error": f"{type(error).__name__}: {error}", "checkpoints": sorted(os.listdir(f"{cfg.run.dir}/checkpoints"))}
+    finally:
+        engines.build_engine = build
     metrics = [json.loads(line) for line in open(f"{cfg.run.dir}/metrics.jsonl")]
     return {"history": history, "metrics": metrics}
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine", [[], ["parallel.pp=1", "parallel.sharding=zero2"],
-                                    ["parallel.pp=1", "parallel.sharding=zero2", "train.precision=bf16", "blind"]],
-                         ids=["megatron_pp2", "zero2", "zero2_bf16_without_deepspeeds_own_check"])
+                                    ["parallel.pp=1", "parallel.sharding=zero2", "train.precision=bf16", "blind"],
+                                    ["parallel.pp=1", "parallel.sharding=fsdp"]],
+                         ids=["megatron_pp2", "zero2", "zero2_bf16_without_deepspeeds_own_check", "fsdp"])
 def test_nan_policy_skip_drops_the_update_and_goes_on(tmp_path, byte_datasets, engine):
     """Under DeepSpeed the trainer's own check must drop the update even where ZeRO would apply it."""
     blind = "blind" in engine
@@ -255,13 +260,16 @@ def _metrics(run_dir: str) -> list[dict]:
 
 
 @pytest.mark.distributed
-def test_resume_on_synthetic_data_is_bitwise_through_the_cli(tmp_path):
-    """Fresh torchrun processes, PP=2, the default config (two DataLoader workers, byte vocabulary, whose padding
-    id the mock data contains): the stopped and resumed run logs every step's per-head losses exactly as the
-    uninterrupted one (megatron-core's loss-mask cache once made step 7 differ)."""
-    _torchrun(f"{tmp_path}/full")
-    _torchrun(f"{tmp_path}/split", "train.stop_at_step=6")
-    _torchrun(f"{tmp_path}/split")
+@pytest.mark.parametrize("layout", [[], ["parallel.pp=1", "parallel.sharding=fsdp", "model.hidden_dropout=0.1"]],
+                         ids=["megatron_pp2", "fsdp_dp2"])
+def test_resume_on_synthetic_data_is_bitwise_through_the_cli(tmp_path, layout):
+    """Fresh torchrun processes, PP=2 (or FSDP2 at DP=2, with dropout), the default config (two DataLoader
+    workers, byte vocabulary, whose padding id the mock data contains): the stopped and resumed run logs every
+    step's per-head losses and gradient norm exactly as the uninterrupted one (megatron-core's loss-mask cache
+    once made step 7 differ)."""
+    _torchrun(f"{tmp_path}/full", *layout)
+    _torchrun(f"{tmp_path}/split", *layout, "train.stop_at_step=6")
+    _torchrun(f"{tmp_path}/split", *layout)
     full, split = _metrics(f"{tmp_path}/full"), _metrics(f"{tmp_path}/split")
     assert [m["step"] for m in split] == [m["step"] for m in full] == list(range(1, 9))
     keys = ["loss", *(f"loss/head_{i}" for i in range(1, 5)), "grad_norm"]

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from mtp_megatron.config import Config, ConfigError, load_config, save_resolved_config, validate_for_world
+from mtp_megatron.config import Config, ConfigError, load_config, save_resolved_config
+from mtp_megatron.distributed.topology import validate_for_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -44,11 +45,18 @@ def test_paper_configs_carry_the_paper_numbers():
 
 def test_defaults_are_a_valid_tiny_model():
     cfg = load_config(None)
-    # Loading resolves the vocabulary from the default (byte-level) tokenizer; everything else is Config()'s.
-    assert cfg.model.vocab_size == 259 and Config().model.vocab_size is None
-    cfg.model.vocab_size = None
-    assert cfg == Config()
+    assert cfg == Config() and cfg.model.vocab_size is None  # the tokenizer's, once the inputs are resolved
     validate_for_world(cfg, world_size=1)
+
+
+def test_loading_reads_nothing_but_the_yaml(tmp_path):
+    """Tokenizer, data files and a DeepSpeed JSON are opened by the explicit next step (mtp_megatron.train's
+    resolve_run_inputs; tests/data/test_inputs.py), not by load_config."""
+    missing = tmp_path / "missing"
+    cfg = load_config(TINY, [f"tokenizer.model={missing}.model", f"data.paths=[{missing}_text_document]",
+                             "data.synthetic=false", "model.vocab_size=null", "parallel.sharding=zero1",
+                             f"parallel.deepspeed_config={missing}.json"])
+    assert cfg.tokenizer.model == f"{missing}.model" and cfg.model.vocab_size is None
 
 
 def test_required_overrides(byte_datasets):

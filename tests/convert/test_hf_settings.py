@@ -185,8 +185,9 @@ def _model_with_every_setting(scaling: str):
     """(config, dense state) of our model: head_dim 24 (hidden 64 / 4 heads = 16), biases, the RoPE of
     ``EXPORTED[scaling]``, the byte tokenizer (259 ids, padded to 384 rows); random weights."""
     from mtp_megatron.model.builder import build_model
+    from mtp_megatron.train import load_run_config
 
-    cfg = load_config(os.path.join(REPO, "configs/tiny.yaml"), [
+    cfg = load_run_config(os.path.join(REPO, "configs/tiny.yaml"), [
         "model.num_query_groups=2", "model.seq_length=64", "model.vocab_size=null", "model.head_dim=24",
         "model.add_bias_linear=true", "mtp.n_heads=3", "logging.tensorboard=false", *EXPORTED[scaling]])
     assert cfg.model.padded_vocab_size(1) == 384
@@ -314,8 +315,8 @@ def test_plain_export_reimports_with_the_same_settings(exported, tmp_path):
 
 def test_new_model_fields_are_validated_and_part_of_the_checkpoint_shape():
     """``model.head_dim`` and the RoPE scaling fields are checked at load, and a checkpoint of another head width
-    is reported as a different model (checkpoint/checkpointer.py ``shape_mismatches``)."""
-    from mtp_megatron.checkpoint.checkpointer import shape_mismatches
+    is reported as a different model (checkpoint/state.py ``shape_mismatches``)."""
+    from mtp_megatron.checkpoint.state import shape_mismatches
     from mtp_megatron.config import ConfigError, config_to_dict
 
     tiny = os.path.join(REPO, "configs/tiny.yaml")

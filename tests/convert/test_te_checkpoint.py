@@ -116,7 +116,7 @@ def test_a_weight_the_model_does_not_have_is_an_error_not_skipped(source, tmp_pa
 
 
 def test_what_a_load_may_and_may_not_leave_out():
-    from mtp_megatron.checkpoint.checkpointer import key_mismatches
+    from mtp_megatron.checkpoint.state import key_mismatches
 
     in_checkpoint = {"optimizer.state.exp_avg.embedding.word_embeddings.weight", "rng_state",
                      "mtp_heads.final_norm._extra_state"}

@@ -265,7 +265,8 @@ def test_data_made_with_another_tokenizer_of_the_same_size_is_refused_at_load(tm
     """preprocess_data records the tokenizer beside each dataset; a training config with another tokenizer of
     the same vocabulary size fails naming the dataset; a dataset without the record (Megatron-LM's tool) loads
     with a notice."""
-    from mtp_megatron.config import ConfigError, load_config
+    from mtp_megatron.config import ConfigError
+    from mtp_megatron.train import load_run_config
 
     other = train_tokenizer([write_jsonl(tmp_path / "other.jsonl", make_documents(300, seed=9))],
                             str(tmp_path / "other"), 512).model_path
@@ -276,9 +277,9 @@ def test_data_made_with_another_tokenizer_of_the_same_size_is_refused_at_load(tm
     prefix = dataset_prefix(str(tmp_path / "out"), "text")
     tiny = os.path.join(REPO, "configs", "tiny.yaml")
     common = ["data.synthetic=false", f"data.paths=[{prefix}]", "data.split=1,0,0"]
-    load_config(tiny, [*common, f"tokenizer.model={spm_model}"])  # the right tokenizer loads
+    load_run_config(tiny, [*common, f"tokenizer.model={spm_model}"])  # the right tokenizer loads
     with pytest.raises(ConfigError) as error:
-        load_config(tiny, [*common, f"tokenizer.model={other}"])
+        load_run_config(tiny, [*common, f"tokenizer.model={other}"])
     assert f"{prefix} was tokenized with sentencepiece tokenizer {spm_model}" in str(error.value)
     os.remove(prefix + ".tokenizer.json")
-    load_config(tiny, [*common, f"tokenizer.model={other}"])  # unrecorded: cannot be checked, not refused
+    load_run_config(tiny, [*common, f"tokenizer.model={other}"])  # unrecorded: cannot be checked, not refused

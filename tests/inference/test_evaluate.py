@@ -43,11 +43,11 @@ def test_scores_are_the_training_losses_per_head(trained, cycles_dataset):
 def test_scores_are_the_training_losses_on_a_padded_vocabulary(cycles_dataset, tmp_path, capsys):
     """The byte tokenizer's 259 ids padded to 384 rows (make_vocab_size_divisible_by=128): training's softmax and
     top-1 run over all 384 rows (megatron's vocab-parallel cross-entropy), and so does the evaluation command."""
-    from mtp_megatron.config import load_config
     from mtp_megatron.evaluate import main
     from mtp_megatron.model.builder import build_model
+    from mtp_megatron.train import load_run_config
 
-    cfg = load_config(os.path.join(REPO, "configs/tiny.yaml"), [*TINY, "model.vocab_size=null"])
+    cfg = load_run_config(os.path.join(REPO, "configs/tiny.yaml"), [*TINY, "model.vocab_size=null"])
     assert (cfg.model.vocab_size, cfg.model.padded_vocab_size(1)) == (259, 384)
     with native.single_process() as env:  # an untrained model: its padding rows are as likely as any token
         model = build_model(native.dense_config(cfg, "fp32"), env)

@@ -65,12 +65,12 @@ def test_everything_on_where_installed_and_valid(kernels):
 
 
 @pytest.mark.parametrize("sharding, on", [("distributed_optimizer", True), ("none", True), ("zero1", False),
-                                          ("zero2", False), ("zero3", False)])
+                                          ("zero2", False), ("zero3", False), ("fsdp", False)])
 def test_gradient_accumulation_fusion_needs_megatron_ddp_main_grad(kernels, sharding, on):
     choice = fusions.cuda_fusions(_cfg(f"parallel.sharding={sharding}"))
     assert choice.kwargs["gradient_accumulation_fusion"] is on
     if not on:
-        assert "(DeepSpeed) keeps no main_grad" in choice.why_off["gradient_accumulation_fusion"]
+        assert "(not megatron's DDP) keeps no main_grad" in choice.why_off["gradient_accumulation_fusion"]
 
 
 def test_swiglu_fuses_gelu_does_not(kernels):
@@ -115,11 +115,12 @@ def test_the_cuda_transformer_config_passes_megatron_validation(kernels, overrid
 
 def test_a_cuda_run_logs_its_fusions_once(kernels, tmp_path, capsys):
     cfg = _cfg("parallel.sharding=zero2", f"run.dir={tmp_path}")
-    record_run(cfg, object(), rank=0, device=torch.device("cuda", 0))
-    record_run(cfg, object(), rank=1, device=torch.device("cuda", 1))
+    engine = types.SimpleNamespace(write_run_files=lambda run_dir: None)  # record_run's one call on the engine
+    record_run(cfg, engine, rank=0, device=torch.device("cuda", 0))
+    record_run(cfg, engine, rank=1, device=torch.device("cuda", 1))
     lines = [line for line in capsys.readouterr().out.splitlines() if "fused kernels" in line]
     assert lines == ["[run] fused kernels: on: bias_dropout_fusion, bias_activation_fusion, masked_softmax_fusion, "
-                     "apply_rope_fusion; off: gradient_accumulation_fusion (parallel.sharding=zero2 (DeepSpeed) "
-                     "keeps no main_grad to accumulate into)"]
-    record_run(cfg, object(), rank=0, device=torch.device("cpu"))
+                     "apply_rope_fusion; off: gradient_accumulation_fusion (parallel.sharding=zero2 (not "
+                     "megatron's DDP) keeps no main_grad to accumulate into)"]
+    record_run(cfg, engine, rank=0, device=torch.device("cpu"))
     assert "fused kernels" not in capsys.readouterr().out

@@ -17,10 +17,11 @@ from megatron.core.utils import unwrap_model
 
 from mtp_megatron.config import load_config
 from mtp_megatron.distributed.parallel import init_distributed
-from mtp_megatron.model.builder import build_model, wrap_model
+from mtp_megatron.engines.megatron import wrap_model
+from mtp_megatron.model.builder import build_model
 from mtp_megatron.testing.batches import random_microbatches
 from mtp_megatron.testing.distributed import run_distributed
-from mtp_megatron.training.step import reduce_head_stats, run_forward_backward
+from mtp_megatron.engines.step import reduce_head_stats, run_forward_backward
 
 GRAD_RTOL = 1e-5
 # bf16 keeps 8 significant bits (unit roundoff u = 2**-8 = 3.9e-3). The naive order sums the n heads' dL/dz in

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -22,7 +24,7 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     steps = {s["name"]: s for s in report["steps"]}
     assert done.returncode == 0 and report["passed"], done.stdout[-3000:] + (out / "gpu_check.log").read_text()[-4000:]
     assert list(steps) == ["install", "environment", "data", "smoke", "resume", "generate", "head_gradients",
-                           "head_memory", "step_time", "deepspeed"]
+                           "head_memory", "step_time", "deepspeed", "fsdp"]
     assert steps["install"]["status"] == "skipped"  # this machine has them installed
     assert all(s["status"] == "passed" for name, s in steps.items() if name != "install")
     assert (out / "report.md").read_text().startswith("# GPU check: passed")
@@ -52,4 +54,6 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     assert decode["generate"]["speculative/tokens_per_forward"] > 1.0
     assert set(decode["decode_speed"]) == {"1", "8"}
 
-    assert steps["deepspeed"]["figures"]["steps"] == 3
+    assert steps["deepspeed"]["figures"]["steps"] == steps["fsdp"]["figures"]["steps"] == 3
+    # fp32 on CPU: the same model and batches under both engines.
+    assert steps["fsdp"]["figures"]["loss"] == pytest.approx(steps["deepspeed"]["figures"]["loss"], rel=1e-5)

@@ -145,6 +145,14 @@ def test_recompute_sequence_parallel_and_zero_terms():
     # Trunk layers keep their inputs; the recomputed layer and the head layer (outside TransformerBlock) keep all.
     assert stage.activations == pytest.approx(36 * full_layer + no_recompute + (2 * s * b * h + no_recompute))
 
+    # FSDP2: fp32 shards of weights and gradients, AdamW's moments on them (no separate master copy), and the
+    # gathered bf16 working set of ZeRO-3.
+    fsdp = estimate(load_config(C13B, [*ZERO_PP1, "parallel.sharding=fsdp", "train.recompute=full"]), 64, H100)
+    (fsdp_stage,) = fsdp.stages
+    assert fsdp_stage.weights == pytest.approx(4 * p / dp + 2 * 2 * stage.params.largest_module)
+    assert fsdp_stage.grads == pytest.approx(4 * p / dp)
+    assert fsdp_stage.optimizer == pytest.approx(8 * p / dp)
+
     sp = estimate(load_config(C13B, ["parallel.sequence_parallel=true", "train.recompute=selective"]), 128, H100)
     assert sp.stages[0].activations == pytest.approx(18 * 2 * 34 * s * b * h / t)
 

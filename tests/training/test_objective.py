@@ -33,42 +33,36 @@ def _config(tmp: str, name: str, data: list[str], *overrides: str):
 
 
 def step_one_gradients(tmp: str, data: list[str], variants: dict[str, list[str]]) -> dict:
-    """Per variant: step 1's per-head stats, gradient norm and every parameter's gradient (sharding none or a
-    DeepSpeed stage: full gradients on every rank)."""
-    import mtp_megatron.training.setup as setup
-    from megatron.core.utils import unwrap_model
+    """Per variant, trained through ``train()``: step 1's per-head stats, gradient norm and every parameter's
+    gradient, gathered by the engine (``Engine.gathered_gradients``) between the backward and the update."""
+    import mtp_megatron.engines as engines
 
     captured = {}
-    build = setup.setup_model_and_optimizer
+    build = engines.build_engine
 
-    def capturing_setup(cfg, env):
-        model, optimizer, scheduler = build(cfg, env)
-        if cfg.parallel.sharding.startswith("zero"):
-            from deepspeed.utils import safe_get_full_grad
+    def capturing_build(cfg, env, module=None):
+        engine = build(cfg, env, module)
+        train_step = engine.train_step
 
-            step = model.optimizer.step
+        def capturing_train_step(data_iterator, num_microbatches, after_backward=None):
+            def capture(final: bool) -> None:
+                if final:
+                    captured.update(engine.gathered_gradients())
+            return train_step(data_iterator, num_microbatches, after_backward=capture)
 
-            def step_capturing_grads(*args, **kwargs):  # the reduced, unclipped gradients before the update
-                captured.update({name: safe_get_full_grad(p).clone() for name, p in model.module.named_parameters()})
-                return step(*args, **kwargs)
+        engine.train_step = capturing_train_step
+        return engine
 
-            model.optimizer.step = step_capturing_grads
-        elif cfg.parallel.sharding == "none":  # the distributed optimizer keeps only its shard reduced
-            captured["model"] = unwrap_model(model)
-        return model, optimizer, scheduler
-
-    setup.setup_model_and_optimizer = capturing_setup
+    engines.build_engine = capturing_build
     out = {}
     try:
         for name, overrides in variants.items():
             captured.clear()
             result = train(_config(tmp, name, data, *overrides))[0]
-            model = captured.pop("model", None)
-            grads = ({n: p.main_grad.detach().clone() for n, p in model.named_parameters()} if model is not None
-                     else dict(captured))
-            out[name] = {"stats": result.stats, "loss": result.loss, "grad_norm": result.grad_norm, "grads": grads}
+            out[name] = {"stats": result.stats, "loss": result.loss, "grad_norm": result.grad_norm,
+                         "grads": dict(captured)}
     finally:
-        setup.setup_model_and_optimizer = build
+        engines.build_engine = build
     return out
 
 
@@ -104,8 +98,6 @@ def _assert_same_objective(runs: dict, reference: dict) -> None:
         assert torch.equal(run["stats"][:, 2], tokens), name  # the same global batch
         assert run["loss"] == pytest.approx(reference["loss"], rel=RTOL), name  # logged loss = the objective
         assert run["grad_norm"] == pytest.approx(reference["grad_norm"], rel=RTOL), name
-        if not run["grads"]:
-            continue  # the distributed optimizer holds only its shard of the gradients: the norm says it
         assert run["grads"].keys() == reference["grads"].keys(), name
         worst = max((_relative(run["grads"][k], g), k) for k, g in reference["grads"].items())
         assert worst[0] <= RTOL, f"{name}: gradient of {worst[1]} differs by {worst[0]:.2e} (relative)"

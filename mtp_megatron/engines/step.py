@@ -1,4 +1,4 @@
-"""One training (or evaluation) step through megatron-core's pipeline schedules.
+"""What every engine's step shares: the forward step, the heads' objective weights and the per-head results.
 
 ``forward_step`` follows megatron-core's contract: ``(data_iterator, model) -> (output, loss_func)``. On the last
 stage the model returns ``(loss, stats)``; the loss is what the schedule scales and back-propagates (a zero
@@ -14,12 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import unwrap_model
 
 from mtp_megatron.distributed.parallel import ParallelEnv
-from mtp_megatron.training import deepspeed_engine
 from mtp_megatron.model.heads import STAT_CORRECT, STAT_LOSS_SUM, STAT_TOKENS
 from mtp_megatron.model.targets import head_target_counts
 
@@ -114,6 +111,7 @@ def reduce_head_stats(losses_reduced: list[dict], n_heads: int, env: ParallelEnv
 
 
 def run_forward_backward(model_chunks, data_iterator, num_microbatches: int, cfg, forward_only: bool):
+    """megatron-core's schedule for the run's layout (1F1B with pipeline stages, plain accumulation without)."""
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterator,
@@ -123,79 +121,3 @@ def run_forward_backward(model_chunks, data_iterator, num_microbatches: int, cfg
         micro_batch_size=cfg.train.micro_batch_size,
         forward_only=forward_only,
     )
-
-
-def _document_eod(model_chunk):
-    """The EOD id across which the heads' targets are dropped (document masks), or None."""
-    bare = model_chunk.module if deepspeed_engine.is_deepspeed_engine(model_chunk) else unwrap_model(model_chunk)
-    return bare.document_eod
-
-
-def train_step(model_chunks, optimizer, scheduler, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
-    data_iterator = with_head_weights(data_iterator, num_microbatches, cfg.mtp.n_heads,
-                                      _document_eod(model_chunks[0]), env)
-    if deepspeed_engine.is_deepspeed_engine(model_chunks[0]):
-        return _deepspeed_train_step(model_chunks[0], scheduler, data_iterator, num_microbatches, cfg, env)
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses_reduced = run_forward_backward(model_chunks, data_iterator, num_microbatches, cfg, forward_only=False)
-    # The losses first: every rank must know whether any head's loss was finite before anyone steps.
-    result = reduce_head_stats(losses_reduced, cfg.mtp.n_heads, env)
-    result.grad_norm, result.skip_reason = step_if_finite(optimizer, losses_finite=not result.nonfinite_heads)
-    result.update_skipped = result.skip_reason is not None
-    if not result.update_skipped:
-        scheduler.step(increment=1)
-    return result
-
-
-def _deepspeed_train_step(engine, scheduler, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
-    """The same step through DeepSpeed's engine, which applies (or, for a non-finite norm, skips) the update."""
-    losses_reduced = deepspeed_engine.forward_backward(engine, data_iterator, num_microbatches, forward_only=False)
-    result = reduce_head_stats(losses_reduced, cfg.mtp.n_heads, env)
-    result.grad_norm, result.skip_reason = deepspeed_engine.update_result(engine)
-    if result.skip_reason and result.nonfinite_heads:
-        result.skip_reason = "non-finite loss"
-    result.update_skipped = result.skip_reason is not None
-    if not result.update_skipped:
-        scheduler.step(increment=1)
-    return result
-
-
-@torch.no_grad()
-def step_if_finite(optimizer, losses_finite: bool) -> tuple[float | None, str | None]:
-    """megatron-core's optimizer step (``ChainedOptimizer.step``: prepare grads, norm, clip, update), except that a
-    non-finite loss or gradient norm skips the update. Megatron only skips on fp16 overflow; in fp32 and bf16 a
-    NaN norm makes the clip factor NaN, which fails ``< 1`` and so lets NaN gradients into the update.
-
-    Returns (grad norm or None, why the update was skipped or None).
-    """
-    if optimizer.prepare_grads():  # fp16: the loss scaler found inf/NaN and has already backed off
-        return None, "fp16 loss-scale overflow"
-    grad_norm = optimizer.get_grad_norm()
-    if not losses_finite:
-        return grad_norm, "non-finite loss"
-    if not math.isfinite(grad_norm):
-        return grad_norm, "non-finite gradient norm"
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        params = [] if getattr(part, "is_stub_optimizer", False) else part.get_parameters()
-        if part.config.clip_grad > 0.0 and params:
-            clip_grad_by_total_norm_fp32(params, part.config.clip_grad, grad_norm,
-                                         part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-    if not optimizer.step_with_ready_grads():
-        return grad_norm, "optimizer reported an unsuccessful update"
-    return grad_norm, None
-
-
-@torch.no_grad()
-def eval_step(model_chunks, data_iterator, num_microbatches: int, cfg, env) -> StepResult:
-    for chunk in model_chunks:
-        chunk.eval()
-    if deepspeed_engine.is_deepspeed_engine(model_chunks[0]):
-        losses_reduced = deepspeed_engine.forward_backward(model_chunks[0], data_iterator, num_microbatches,
-                                                           forward_only=True)
-    else:
-        losses_reduced = run_forward_backward(model_chunks, data_iterator, num_microbatches, cfg, forward_only=True)
-    for chunk in model_chunks:
-        chunk.train()
-    return reduce_head_stats(losses_reduced, cfg.mtp.n_heads, env)

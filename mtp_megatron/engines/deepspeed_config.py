@@ -1,4 +1,5 @@
-"""The DeepSpeed config of a ZeRO run, generated from ours (no DeepSpeed import: it is also checked at load time).
+"""The DeepSpeed config of a ZeRO run, generated from ours (no DeepSpeed import: train.py's resolve_run_inputs also
+checks a user's JSON with it before anything starts).
 
 Our config owns what must agree with the rest of the trainer: the batch shape (the data loader's microbatches),
 precision, gradient clipping and the ZeRO stage. A user's ``parallel.deepspeed_config`` JSON is merged on top

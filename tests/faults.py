@@ -1,7 +1,9 @@
-"""TEST-ONLY: the training command with a fault injected, for fault-tolerance tests. Never use it for real runs.
+"""The training command with a fault injected, for tests/checkpoint/test_fault_tolerance.py. It lives with the
+tests, outside the package, so no installed trainer carries it. Never use it for real runs.
 
-``MTP_FAULT=<spec> [torchrun ...] python -m mtp_megatron.testing.faults [the arguments of mtp_megatron.train]``
-installs the fault that ``MTP_FAULT`` names, then runs ``mtp_megatron.train.main`` and exits with its code.
+``MTP_FAULT=<spec> [torchrun ...] python -m tests.faults [the arguments of mtp_megatron.train]``, run from the
+repository root (or with it on ``PYTHONPATH``), installs the fault that ``MTP_FAULT`` names, then runs
+``mtp_megatron.train.main`` and exits with its code.
 Faults (a rank SIGKILLs itself: no handler, no cleanup, like a node lost or the OOM killer):
 
 * ``kill_rank=R,at_step=S``: rank R dies right after its part of optimizer step S is done (``TrainState.advance``
