@@ -18,12 +18,10 @@ def build_engine(cfg: Config, env: ParallelEnv, module=None) -> Engine:
 
     sharding = cfg.parallel.sharding
     if module is None:
-        if sharding == "fsdp":
-            from mtp_megatron.engines.fsdp import local_layers
+        from mtp_megatron.engines.fsdp import local_layers  # FSDP2 runs megatron-core's local layers
 
-            module = build_model(local_layers(cfg), env, document_eod=document_eod(cfg.tokenizer, cfg.data))
-        else:
-            module = build_model(cfg, env, document_eod=document_eod(cfg.tokenizer, cfg.data))
+        built = local_layers(cfg) if sharding == "fsdp" else cfg
+        module = build_model(built, env, document_eod=document_eod(cfg.tokenizer, cfg.data))
     if sharding in DEEPSPEED_SHARDING:
         from mtp_megatron.engines.deepspeed import DeepSpeedEngine
 

@@ -7,7 +7,7 @@ An engine owns the wrapped model, its optimizer and LR schedule, and knows how i
   checks, clip, update, schedule step) and ``eval_step``;
 * checkpoints: the model's (and where the engine's optimizer is megatron-core's, the optimizer's) part of the
   reshardable distributed checkpoint, ``sharded_state``; the engine's own files beside it (``private_folder``,
-  ``save_private`` / ``load_private``); how loaded weights go back into the model (``load_model_state``);
+  ``save_private`` / ``load_optimizer``); how loaded weights go back into the model (``load_model_state``);
 * parameter sync before the weights are read (``sync_parameters``, ``gathered_parameters``: the distributed
   optimizer's overlapped all-gather), and for ZeRO-3 the gather of partitioned parameters (``full_parameters``);
 * the bytes of parameters, gradients and optimizer state this rank holds (``state_bytes``).
@@ -98,7 +98,8 @@ class Engine(ABC):
     @abstractmethod
     def forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
         """The microbatches of a step on this rank, no update (gradients zeroed first unless ``forward_only``);
-        the per-microbatch statistics in megatron-core's schedule format."""
+        the per-microbatch statistics in megatron-core's schedule format. DeepSpeed's engine runs only
+        ``forward_only`` here: its backward belongs to a step (``train_step``)."""
 
     @torch.no_grad()
     def eval_step(self, data_iterator, num_microbatches: int) -> StepResult:

@@ -104,7 +104,7 @@ class FiniteUpdateGuard:
     Wraps ``step`` of the torch optimizer that DeepSpeed's ZeRO optimizer calls on its fp32 partitions (once per
     parameter group, after reducing, unscaling and clipping): every rank reports whether the gradients it is about
     to apply are finite, and the update is skipped everywhere if one is not, or if ``loss_finite`` (set for the
-    step by ``forward_backward``) is false. Collective: every rank calls ``step`` the same number of times.
+    step by ``_begin_update``) is false. Collective: every rank calls ``step`` the same number of times.
     """
 
     def __init__(self, optimizer, device: torch.device):
@@ -179,7 +179,7 @@ class DeepSpeedEngine(Engine):
     def _forward_backward_update(self, data_iterator, num_microbatches: int,
                                  after_backward: Optional[Callable[[bool], None]]) -> StepResult:
         """DeepSpeed's engine applies the update (or, for a non-finite norm, skips it) at the last microbatch."""
-        losses = self._microbatches(data_iterator, num_microbatches, forward_only=False, update=True,
+        losses = self._microbatches(data_iterator, num_microbatches, forward_only=False,
                                     after_backward=after_backward)
         result = reduce_head_stats(losses, self.cfg.mtp.n_heads, self.env)
         result.grad_norm, result.skip_reason = self._update_result()
@@ -188,14 +188,17 @@ class DeepSpeedEngine(Engine):
         return result
 
     def forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
-        return self._microbatches(data_iterator, num_microbatches, forward_only, update=False)
+        if not forward_only:  # a backward without its engine.step() would leave ZeRO mid-accumulation
+            raise NotImplementedError("DeepSpeed's engine reduces and updates inside its backward/step loop: "
+                                      "run a training step with train_step")
+        return self._microbatches(data_iterator, num_microbatches, forward_only=True)
 
-    def _microbatches(self, data_iterator, num_microbatches: int, forward_only: bool, update: bool,
+    def _microbatches(self, data_iterator, num_microbatches: int, forward_only: bool,
                       after_backward: Optional[Callable[[bool], None]] = None) -> list[dict]:
-        """``engine(...)`` and ``engine.backward(loss)`` per microbatch, and with ``update`` ``engine.step()``,
-        which DeepSpeed turns into one update at the accumulation boundary. ``after_backward`` runs after each
-        microbatch's backward (ZeRO-1 accumulates full gradients until the last, ZeRO-1/2 hold the step's reduced
-        ones only between the last and the update), told whether it is the last."""
+        """``engine(...)``, and unless ``forward_only`` ``engine.backward(loss)`` and ``engine.step()`` per
+        microbatch, which DeepSpeed turns into one update at the accumulation boundary. ``after_backward`` runs
+        after each microbatch's backward (ZeRO-1 accumulates full gradients until the last, ZeRO-1/2 hold the
+        step's reduced ones only between the last and the update), told whether it is the last."""
         out = []
         for index in range(num_microbatches):
             (loss, stats), _ = forward_step(data_iterator, self.model)
@@ -206,10 +209,9 @@ class DeepSpeedEngine(Engine):
             last = index == num_microbatches - 1  # the accumulation boundary
             if after_backward is not None:
                 after_backward(last)
-            if update:
-                if last:  # the losses of the whole step are known now
-                    self._begin_update(out)
-                self.model.step()  # an update only at the accumulation boundary, the last microbatch
+            if last:  # the losses of the whole step are known now
+                self._begin_update(out)
+            self.model.step()  # an update only at the accumulation boundary, the last microbatch
         return out
 
     def _begin_update(self, microbatch_stats: list[dict]) -> None:
