@@ -218,6 +218,92 @@ def measure_worker(models: list, world_size: int, repeats: int, root: str) -> di
     return out
 
 
+# -- the optimizer's checkpoint form: save memory and load reads -------------------------------------------------
+
+FORMS = {"per-rank ranges (ours)": "SHARDING_METADATA", "fully_reshardable (gather)": "LEGACY_SHARDING_METADATA"}
+
+
+def _read_bytes() -> int:
+    """Bytes this process has read through read() so far (``rchar``: page-cache hits included)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def forms_worker(model: str, world_size: int, root: str) -> dict:
+    """On every rank: a sync save in each optimizer form (its peak RSS above the RSS before it), then loads of
+    one of them with and without the fully parallel read (time and bytes read by this rank)."""
+    import dataclasses
+
+    from mtp_megatron.checkpoint import checkpointer as checkpointer_module
+    from mtp_megatron.checkpoint import state as checkpoint_state
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    cfg = make_config(model, world_size, os.path.join(root, f"forms_ws{world_size}"), False)
+    trainer = build_trainer(cfg, max_steps=4)
+    trainer.train_step()
+    state_bytes = trainer.engine.state_bytes()
+    out = {"state": state_bytes, "saves": {}, "loads": {}}
+    saver = Checkpointer(cfg, trainer.env, trainer.engine)
+    with _quiet():  # untimed: the first save starts megatron-core's helper processes
+        saver.save(TrainState(step=1), os.path.join(root, "warmup"))
+    paths = {}
+    for step, (form, name) in enumerate(FORMS.items(), start=2):
+        checkpointer_module.SHARDING_METADATA = getattr(checkpoint_state, name)
+        try:
+            rss_before, hwm_ok = _proc_status_kib("VmRSS"), _reset_hwm()
+            dist.barrier()
+            start = time.perf_counter()
+            with _quiet():
+                paths[form] = saver.save(TrainState(step=step))
+            seconds = time.perf_counter() - start
+            hwm = _proc_status_kib("VmHWM")
+        finally:
+            checkpointer_module.SHARDING_METADATA = checkpoint_state.SHARDING_METADATA
+        out["saves"][form] = {"seconds": seconds, "rss_peak": (hwm - rss_before) * 1024 if hwm_ok else None,
+                              "bytes": _folder_bytes(paths[form]) if trainer.env.rank == 0 else None}
+    ours = paths[next(iter(FORMS))]
+    for parallel in (True, False):
+        loader = Checkpointer(dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+            cfg.checkpoint, fully_parallel_load=parallel)), trainer.env, trainer.engine)
+        dist.barrier()
+        read, start = _read_bytes(), time.perf_counter()
+        with _quiet():
+            loader.load(ours, verified=True)  # the checksum pass (its own 1/world of the files) left out
+        out["loads"][parallel] = {"seconds": time.perf_counter() - start, "read": _read_bytes() - read}
+    with _quiet():
+        saver.close()
+    release(trainer)
+    return out
+
+
+def _print_forms(model: str, results: dict) -> None:
+    print(f"## optimizer checkpoint form ({model}, distributed optimizer, DP = ranks): extra peak RSS of a sync save "
+          "against the rank's own share of the state; loads of our form, with and without the fully parallel read")
+    rows = []
+    for ws, ranks in results.items():
+        size = ranks[0]["saves"][next(iter(FORMS))]["bytes"]
+        share = size / ws  # what each rank writes with the fully parallel save
+        for form in FORMS:
+            peak = max(r["saves"][form]["rss_peak"] or 0 for r in ranks)
+            rows.append([ws, form, f"{ranks[0]['saves'][form]['bytes'] / MiB:.1f}", f"{share / MiB:.1f}",
+                         f"{peak / MiB:.0f}", f"**{peak / share:.2f}x**",
+                         f"{max(r['saves'][form]['seconds'] for r in ranks):.2f}"])
+    print(table(["ranks", "optimizer form", "checkpoint MiB", "own share MiB (size / ranks)",
+                 "save peak RSS +MiB (worst rank)", "peak / own share", "save s (slowest rank)"], rows))
+    print()
+    rows = []
+    for ws, ranks in results.items():
+        size = ranks[0]["saves"][next(iter(FORMS))]["bytes"]
+        for parallel in (True, False):
+            reads = [r["loads"][parallel]["read"] for r in ranks]
+            rows.append([ws, "fully parallel" if parallel else "each rank alone",
+                         f"{max(r['loads'][parallel]['seconds'] for r in ranks):.2f}",
+                         f"{max(reads) / MiB:.0f}", f"{sum(reads) / MiB:.0f}", f"{sum(reads) / size:.2f}x"])
+    print(table(["ranks", "load", "load s (slowest rank)", "MiB read, most by one rank", "MiB read, all ranks",
+                 "all reads / checkpoint size"], rows))
+    print()
+
+
 # -- the parent: spawn, collect, print ----------------------------------------------------------------------------
 
 
@@ -265,6 +351,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds of (sync save + load, async save + load) per model; medians reported "
                              "(default %(default)s)")
+    parser.add_argument("--form-world-sizes", type=int, nargs="*", default=[1, 2, 4],
+                        help="process counts for the optimizer-form table (~100M model; tiny with --quick; "
+                             "none to skip; default %(default)s)")
     parser.add_argument("--dir", default=os.path.join(REPO_ROOT, "runs", "bench_checkpoint_io"),
                         help="where the checkpoints are written (deleted afterwards; default %(default)s)")
     args = parser.parse_args(argv)
@@ -280,6 +369,8 @@ def main(argv=None) -> int:
             ranks = run_distributed(measure_worker, ws, models, ws, args.repeats, args.dir)
             for model in models:
                 results[(model, ws)] = _summarise(ranks, model)
+        form_model = TINY if args.quick else M100
+        forms = {ws: run_distributed(forms_worker, ws, form_model, ws, args.dir) for ws in args.form_world_sizes}
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     wall = time.perf_counter() - wall
@@ -321,6 +412,8 @@ def main(argv=None) -> int:
                  "peak RSS +MiB async", "step ms, no save", "step ms beside async write", "step ratio",
                  "async save + step: committed s"], rows))
     print()
+    if forms:
+        _print_forms(form_model, forms)
     firsts = ", ".join(f"{ws} rank{'s' if ws > 1 else ''}: {results[(TINY, ws)]['first_save']:.2f} s"
                        for ws in args.world_sizes)
     print(f"first save in a process (tiny, sync; includes starting megatron's result-queue manager): {firsts}")

@@ -5,13 +5,14 @@
     python bench/decode_speed.py --checkpoint PATH --data PREFIX --tokenizer SPM --batch-sizes 1 8 --device cuda
 
 Prompts are windows of ``--prompt-tokens`` tokens from the last documents of the dataset (the split's validation
-and test part with Megatron's 969,30,1 document split, so not trained on), each continued for
-``--new-tokens`` tokens both ways. Reported per batch size: tokens per forward (the prompt's forward counted),
-the acceptance rate of each draft position (head 2, 3, ...: accepted / tried, a position being tried only when
-every earlier draft was accepted), wall-clock time of each way, the speedup, and speedup / tokens per forward
-(how much of the saved forwards survive the verification cost: 1.0 would be free verification). Outputs must be
-identical both ways (the run fails otherwise). ``--device``/``--dtype`` as in ``python -m mtp_megatron.generate``
-(auto: the GPU in bf16 when one is visible, else the CPU in fp32).
+and test part with Megatron's 969,30,1 document split, so not trained on), each continued for ``--new-tokens``
+tokens both ways. Every row of a batch accepts its own drafts (inference/decoding.py). Reported per batch size:
+tokens per forward (per row: its new tokens over the forwards it took part in, the prompt's forward counted), the
+acceptance rate of each draft position (head 2, 3, ...: accepted / tried, a position being tried only when every
+earlier draft was accepted), wall-clock time of each way, the speedup, and speedup / tokens per forward (how much
+of the saved forwards survive the verification cost: 1.0 would be free verification). Outputs must be identical
+both ways (the run fails otherwise). ``--device``/``--dtype`` as in ``python -m mtp_megatron.generate`` (auto: the
+GPU in bf16 when one is visible, else the CPU in fp32).
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def main() -> int:
                 print("error: speculative output differs from greedy", file=sys.stderr)
                 return 1
             plain_s, fast_s = plain_s + plain_stats.seconds, fast_s + stats.seconds
-            tokens, forwards = tokens + stats.tokens, forwards + stats.forwards
+            # Per row: each row's new tokens over the forwards it took part in (it leaves the batch when done).
+            row_forwards = stats.row_forwards or [stats.forwards]
+            tokens, forwards = tokens + stats.tokens * len(row_forwards), forwards + sum(row_forwards)
             accepted = stats.accepted if accepted is None else [[a + c, b + d] for (a, b), (c, d)
                                                                 in zip(accepted, stats.accepted)]
         per_forward = tokens / forwards

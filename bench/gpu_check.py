@@ -286,7 +286,8 @@ class Check:
         for shape in self.sizes.memory:
             # The goal is reported here, not enforced by the benchmark's exit code (--target).
             _, out = self.run(step, self.python("bench/head_memory.py", "--device", self.args.device, "--megatron-gpt",
-                                          "--target", "1e9", *shape))
+                                          "--target", "1e9", "--gpt-target", "1e9", "--time-target", "1e9",
+                                          "--time-steps", "3", *shape))
             r = last_json(out)
             step.figures[f"vocab_{r['vocab']}"] = r
             parts.append(f"V={r['vocab']}: n=4 seq/n=1 {r['sequential_over_n1']:.3f}x (goal <= 1.05: "

@@ -1,7 +1,12 @@
-"""Peak memory of one microbatch's forward + backward with n=1, n heads naive and n heads sequential.
+"""Peak memory of one microbatch's forward + backward with n=1, n heads naive, n heads sequential, and n heads
+sequential with the chunked cross-entropy (``mtp.loss_chunk_size``); and the step time of chunked vs unchunked.
 
-    python bench/head_memory.py                      # defaults: vocab 32000, seq 1024, hidden 256, 2-layer trunk
+    python bench/head_memory.py --megatron-gpt       # defaults: vocab 32000, seq 1024, hidden 256, 2-layer trunk
     python bench/head_memory.py --device cuda --seq 4096 --vocab 128256
+
+The first three variants run unchunked (``mtp.loss_chunk_size=0``), the fourth with ``--chunk`` positions per
+chunk (default: the config default); the sequential and chunked variants are the same model, so their losses
+must agree.
 
 Each variant is built fresh on the same trunk (same seed, same weights), trained for one warm-up step (so Adam
 state exists), then one more microbatch goes through megatron-core's forward-backward function exactly as
@@ -21,6 +26,10 @@ shows the two equal on the same weights).
 
 With a single pipeline stage (world size 1) the last stage is the whole model, so the peak includes the trunk's
 activations; they are the same in every variant, so the differences between variants are the heads'.
+
+Step time (chunked vs unchunked, both sequential): the two are built side by side after the memory runs and
+stepped round-robin with full ``train_step``s (forward-backward, optimizer, LR schedule), one step each per
+round, so drift of the machine hits both alike; ``--time-warmup`` rounds untimed, median of ``--time-steps``.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import (  # noqa: E402
     MEGATRON_GPT,
     MiB,
+    Variant,
     add_shape_args,
     build_trainer,
     held_bytes,
@@ -47,10 +57,43 @@ from bench._common import (  # noqa: E402
     shutdown,
     synchronize,
     table,
-    variants,
+    median,
 )
 
 import torch  # noqa: E402
+
+from mtp_megatron.config.schema import MTPConfig  # noqa: E402
+
+UNCHUNKED = ("mtp.loss_chunk_size=0",)
+
+
+def head_variants(n_heads: int, chunk: int) -> list[Variant]:
+    """n=1, n heads naive and n heads sequential unchunked (as before chunking existed), then n heads sequential
+    chunked: the same model as the third."""
+    return [Variant("n=1", 1, True, overrides=UNCHUNKED),
+            Variant(f"n={n_heads} naive", n_heads, False, overrides=UNCHUNKED),
+            Variant(f"n={n_heads} sequential", n_heads, True, overrides=UNCHUNKED),
+            Variant(f"n={n_heads} sequential chunked {chunk}", n_heads, True,
+                    overrides=(f"mtp.loss_chunk_size={chunk}",))]
+
+
+def step_times(args, timed: list[Variant]) -> dict[str, float]:
+    """Median seconds of a full ``train_step`` per variant, the variants built side by side and stepped
+    round-robin (as bench/step_time.py does)."""
+    rounds = args.time_warmup + args.time_steps
+    trainers = {v.name: build_trainer(make_config(args, v), max_steps=rounds + 1) for v in timed}
+    seconds = {name: [] for name in trainers}
+    for k in range(rounds):
+        for name, trainer in trainers.items():
+            synchronize(trainer.env.device)
+            start = time.perf_counter()
+            trainer.train_step()
+            synchronize(trainer.env.device)
+            if k >= args.time_warmup:
+                seconds[name].append(time.perf_counter() - start)
+    for trainer in trainers.values():
+        release(trainer)
+    return {name: median(s) for name, s in seconds.items()}
 
 
 def _fix_glibc_mmap_threshold() -> bool:
@@ -148,6 +191,17 @@ def main(argv=None) -> int:
                              "output layer and vocab-parallel cross-entropy")
     parser.add_argument("--target", type=float, default=1.05,
                         help="goal for the sequential/n=1 peak ratio; exit 2 when it is missed (default 1.05)")
+    parser.add_argument("--chunk", type=int, default=MTPConfig.loss_chunk_size,
+                        help="mtp.loss_chunk_size of the chunked variant (default: the config default, %(default)s)")
+    parser.add_argument("--gpt-target", type=float, default=1.0,
+                        help="goal for the chunked n-head / megatron GPTModel n=1 peak ratio (with --megatron-gpt); "
+                             "exit 2 when it is missed (default 1.0)")
+    parser.add_argument("--time-target", type=float, default=1.03,
+                        help="goal for the chunked / unchunked step-time ratio; exit 2 when it is missed "
+                             "(default 1.03)")
+    parser.add_argument("--time-steps", type=int, default=8,
+                        help="timed train steps per variant for the step-time ratio; 0 skips it (default 8)")
+    parser.add_argument("--time-warmup", type=int, default=2, help="untimed rounds before them (default 2)")
     args = parser.parse_args(argv)
     if args.vocab < 32000 or args.seq < 1024:
         print(f"note: the project's goal is stated at vocab >= 32000 and seq >= 1024 (got {args.vocab}, {args.seq})")
@@ -155,7 +209,7 @@ def main(argv=None) -> int:
     cpu_rss = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     mmap_fixed = _fix_glibc_mmap_threshold() if cpu_rss else False
 
-    chosen = variants(args.n_heads) + ([MEGATRON_GPT] if args.megatron_gpt else [])
+    chosen = head_variants(args.n_heads, args.chunk) + ([MEGATRON_GPT] if args.megatron_gpt else [])
     results = [measure(args, v) for v in chosen]
     device, dtype = results[0]["device"], results[0]["dtype"]
     n = args.n_heads
@@ -195,7 +249,8 @@ def main(argv=None) -> int:
     elems = args.mbs * args.seq * base["vocab_padded"]
     logit_bytes = elems * torch.tensor([], dtype=dtype).element_size()
     fp32_bytes = elems * 4
-    naive, seq = results[1], results[2]
+    naive, seq, chunked = results[1], results[2], results[3]
+    chunk_elems = args.mbs * min(args.chunk or args.seq, args.seq) * base["vocab_padded"]
     print()
     print("theory (docs/method.md): logits of one head = b*s*V elements")
     print(table(
@@ -210,29 +265,54 @@ def main(argv=None) -> int:
             [f"  per extra head (/ {n - 1}): its fp32 logits + its layer's activations",
              f"{(naive['peak'] - base['peak']) / max(n - 1, 1) / MiB:.1f}"],
             [f"measured: n={n} sequential - n=1", f"{(seq['peak'] - base['peak']) / MiB:.1f}"],
+            [f"one chunk's logits as fp32, b*{min(args.chunk or args.seq, args.seq)}*V", f"{chunk_elems * 4 / MiB:.1f}"],
+            [f"measured: n={n} sequential - n={n} sequential chunked",
+             f"{(seq['peak'] - chunked['peak']) / MiB:.1f}"],
         ],
     ))
 
     seq_ratio, naive_ratio = seq["peak"] / base["peak"], naive["peak"] / base["peak"]
     same = all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(naive["head_loss"], seq["head_loss"]))
+    chunked_same = all(abs(a - b) <= 1e-6 * max(1.0, abs(a)) for a, b in zip(seq["head_loss"], chunked["head_loss"]))
     print()
     print(f"n={n} naive / n=1 = {naive_ratio:.3f}x; n={n} sequential / n=1 = {seq_ratio:.3f}x "
           f"(goal <= {args.target:.2f}x: {'met' if seq_ratio <= args.target else 'MISSED'}); "
           f"naive and sequential per-head losses agree: {'yes' if same else 'NO'} "
           f"({', '.join(f'{x:.5f}' for x in seq['head_loss'])})")
-    summary = {"vocab": args.vocab, "seq": args.seq, "device": str(device), "dtype": str(dtype),
+    chunked_ratio = chunked["peak"] / base["peak"]
+    print(f"n={n} sequential chunked ({args.chunk} positions) / n=1 = {chunked_ratio:.3f}x; chunked / unchunked "
+          f"sequential = {chunked['peak'] / seq['peak']:.3f}x; chunked and unchunked per-head losses agree (1e-6): "
+          f"{'yes' if chunked_same else 'NO'}")
+    summary = {"vocab": args.vocab, "seq": args.seq, "device": str(device), "dtype": str(dtype), "chunk": args.chunk,
                "peak_mib": {r["variant"]: r["peak"] / MiB for r in results},
-               "sequential_over_n1": seq_ratio, "naive_over_n1": naive_ratio, "losses_agree": same}
+               "sequential_over_n1": seq_ratio, "naive_over_n1": naive_ratio, "losses_agree": same,
+               "chunked_over_n1": chunked_ratio, "chunked_losses_agree": chunked_same}
+    ok = seq_ratio <= args.target and same and chunked_same
     if args.megatron_gpt:
-        gpt = results[3]
+        gpt = results[4]
+        gpt_ratio = chunked["peak"] / gpt["peak"]
+        summary["chunked_over_megatron_gpt"] = gpt_ratio
+        ok = ok and gpt_ratio <= args.gpt_target
+        print(f"n={n} sequential chunked / megatron GPTModel n=1 = {gpt_ratio:.3f}x "
+              f"(goal <= {args.gpt_target:.2f}x: {'met' if gpt_ratio <= args.gpt_target else 'MISSED'})")
         summary["sequential_over_megatron_gpt"] = seq["peak"] / gpt["peak"]
         summary["n1_over_megatron_gpt"] = base["peak"] / gpt["peak"]
         print(f"n={n} sequential / megatron GPTModel n=1 = {seq['peak'] / gpt['peak']:.3f}x; our n=1 / megatron "
               f"GPTModel n=1 = {base['peak'] / gpt['peak']:.3f}x (head-1 loss {base['head_loss'][0]:.5f} vs "
               f"{gpt['head_loss'][0]:.5f})")
+    if args.time_steps > 0:
+        seq_variant, chunk_variant = chosen[2], chosen[3]
+        times = step_times(args, [seq_variant, chunk_variant])
+        time_ratio = times[chunk_variant.name] / times[seq_variant.name]
+        summary["step_s"] = times
+        summary["chunked_over_unchunked_step_time"] = time_ratio
+        ok = ok and time_ratio <= args.time_target
+        print(f"step time (median of {args.time_steps} train steps, round-robin): unchunked "
+              f"{times[seq_variant.name]:.3f} s, chunked {times[chunk_variant.name]:.3f} s, ratio {time_ratio:.3f}x "
+              f"(goal <= {args.time_target:.2f}x: {'met' if time_ratio <= args.time_target else 'MISSED'})")
     print(json.dumps(summary))
     shutdown()
-    return 0 if seq_ratio <= args.target and same else 2
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

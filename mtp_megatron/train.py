@@ -24,6 +24,7 @@ from typing import Callable, List, Optional, Sequence
 
 from mtp_megatron.config import Config, ConfigError, format_config_help, load_config, validate_for_training
 from mtp_megatron.data.inputs import resolve_inputs
+from mtp_megatron.distributed.pipeline_split import resolve_layers_per_stage
 from mtp_megatron.distributed.topology import validate_for_world
 
 
@@ -101,6 +102,9 @@ def _train_resolved(cfg: Config):
     from mtp_megatron.training.stopping import STOP_FILE, StopRequests, clear_stop_file
 
     validate_for_training(cfg)
+    # parallel.layers_per_stage=auto becomes its list (it needs the vocabulary size, resolved by now), so the
+    # run's saved config.yaml shows the split it trains with.
+    resolve_layers_per_stage(cfg)
     env = init_distributed(cfg.parallel, cfg.train.device, cfg.train.seed)
     lock = None
     try:

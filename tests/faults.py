@@ -13,6 +13,8 @@ Faults (a rank SIGKILLs itself: no handler, no cleanup, like a node lost or the 
   writing ``.metadata``), so before the checkpoint can be committed (manifest, rename of ``iter_N.tmp``,
   ``latest``). Dying any later, after ``dist_checkpointing.save`` returned, would let rank 0 commit a complete
   checkpoint.
+* ``kill_during_commit=S,rank=R``: rank R (rank 0 commits) dies in the commit of step S's checkpoint after its
+  manifest is written and before ``iter_N.tmp`` is renamed (after any folder of that name was set aside).
 
 A fault fires only in the first attempt of a torchrun job (``TORCHELASTIC_RESTART_COUNT`` unset or ``0``), so a
 job restarted by ``torchrun --max-restarts`` runs clean. Without ``MTP_FAULT`` this is the plain training command.
@@ -28,6 +30,7 @@ ENV = "MTP_FAULT"
 _FAULTS = {  # the keys of each fault: its own name first
     "kill_rank": ("kill_rank", "at_step"),
     "kill_during_save": ("kill_during_save", "rank"),
+    "kill_during_commit": ("kill_during_commit", "rank"),
 }
 
 
@@ -92,6 +95,18 @@ def install(fault: dict[str, int]) -> None:
             return finalize(storage_writer, *args, **kwargs)
 
         torch_strategy.save_state_dict_async_finalize = die_before_finalize
+
+    if "kill_during_commit" in fault and fault["rank"] == _rank():
+        from mtp_megatron.checkpoint import store  # noqa: F811 (each fault imports what it patches)
+
+        step, rename = fault["kill_during_commit"], store._rename
+
+        def die_before_rename(source: str, destination: str) -> None:
+            if source.endswith(store.TMP_SUFFIX) and store.step_of(destination) == step:
+                _die(f"while committing step {step}: {source} complete, not renamed")
+            rename(source, destination)
+
+        store._rename = die_before_rename
 
 
 def main(argv=None) -> int:

@@ -32,9 +32,13 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy, get_default_save_sharded_strategy,
+)
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper, FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
@@ -42,8 +46,8 @@ from mtp_megatron.checkpoint import store
 from mtp_megatron.checkpoint.helper_processes import bind_helper_processes_to_this_rank
 from mtp_megatron.checkpoint.resume_plan import start_plan
 from mtp_megatron.checkpoint.state import (
-    DATA_FIELDS, META_KEY, SHARDING_METADATA, TRAIN_STATE_KEY, key_mismatches, layout, optimizer_setup, read_meta,
-    rng_state, set_rng_state, shape_mismatches, tokenizer_identity,
+    DATA_FIELDS, LEGACY_SHARDING_METADATA, META_KEY, SHARDING_METADATA, TRAIN_STATE_KEY, key_mismatches, layout,
+    optimizer_setup, read_meta, rng_state, set_rng_state, shape_mismatches, tokenizer_identity,
 )
 from mtp_megatron.checkpoint.store import CheckpointError
 from mtp_megatron.config import Config, config_to_dict
@@ -77,12 +81,18 @@ class Checkpointer:
 
     # -- saving -----------------------------------------------------------------------------------------------
 
-    def _sharded_state(self, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
-        """The engine's model (and optimizer) part plus this rank's RNG states. Inside ``full_parameters``."""
-        state = self.engine.sharded_state(SHARDING_METADATA, is_loading=is_loading, with_optimizer=with_optimizer)
+    def _sharded_state(self, is_loading: bool, with_optimizer: bool, with_rng: bool,
+                       metadata: Optional[dict] = None) -> dict:
+        """The engine's model (and optimizer) part plus this rank's RNG states, in the form ``metadata`` asks for
+        (a load asks for the form its checkpoint was written in; default: ``SHARDING_METADATA``)."""
+        state = self.engine.sharded_state(metadata or SHARDING_METADATA, is_loading=is_loading,
+                                          with_optimizer=with_optimizer)
         if with_rng:
             state["rng_state"] = rng_state(self.env)
         return state
+
+    def _layout(self) -> dict:
+        return layout(self.env, self.cfg.parallel.layers_per_stage)
 
     def _meta(self) -> dict:
         cfg = self.cfg
@@ -90,8 +100,9 @@ class Checkpointer:
             "format": store.FORMAT,
             "config": config_to_dict(cfg),
             "padded_vocab_size": cfg.model.padded_vocab_size(cfg.parallel.tp),
-            "layout": layout(self.env),
+            "layout": self._layout(),
             "engine": self.engine.name,
+            "sharding_metadata": SHARDING_METADATA,
             "optimizer": optimizer_setup(cfg) if self.engine.optimizer is not None else None,
             "tokenizer": tokenizer_identity(cfg),
         }
@@ -105,30 +116,28 @@ class Checkpointer:
         in_run = path is None
         final = os.path.join(self.root, store.step_dir_name(state.step)) if in_run else os.path.normpath(path)
         tmp = store.temporary_path(final)
-        # One gather of sharded parameters (ZeRO-3's, FSDP2's) serves the finiteness check and the save.
-        with self.engine.full_parameters():
-            if not _all_finite(self.engine.local_parameters(), self.env.device):
-                raise CheckpointError(f"step {state.step}: the model has non-finite weights; refusing to save them "
-                                      "over good checkpoints. Restart from the newest checkpoint "
-                                      "(checkpoint.resume=auto).")
-            if self.env.rank == 0:
-                if os.path.exists(tmp):  # left by a save that died
-                    store._remove(tmp)
-                os.makedirs(tmp)
-            dist.barrier()
-            sharded = self._sharded_state(is_loading=False, with_optimizer=self.engine.optimizer is not None,
-                                          with_rng=True)
-            sharded[TRAIN_STATE_KEY] = state.state_dict()
-            sharded[META_KEY] = self._meta()
-            if self.engine.scheduler is not None:
-                sharded["scheduler"] = self.engine.scheduler.state_dict()
-            # Every DP replica writes a slice of the replicated tensors instead of DP rank 0 writing them all.
-            strategy = FullyParallelSaveStrategyWrapper(
-                get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True)
-            )
-            with self._reporting_write_errors(tmp, state.step):
-                request = dist_checkpointing.save(sharded, tmp, strategy,
-                                                  async_sharded_save=self._async_queue is not None)
+        if not _all_finite(self.engine.local_parameters(), self.env.device):
+            raise CheckpointError(f"step {state.step}: the model has non-finite weights; refusing to save them "
+                                  "over good checkpoints. Restart from the newest checkpoint "
+                                  "(checkpoint.resume=auto).")
+        if self.env.rank == 0:
+            if os.path.exists(tmp):  # left by a save that died
+                store._remove(tmp)
+            os.makedirs(tmp)
+        dist.barrier()
+        sharded = self._sharded_state(is_loading=False, with_optimizer=self.engine.optimizer is not None,
+                                      with_rng=True)
+        sharded[TRAIN_STATE_KEY] = state.state_dict()
+        sharded[META_KEY] = self._meta()
+        if self.engine.scheduler is not None:
+            sharded["scheduler"] = self.engine.scheduler.state_dict()
+        # Every DP replica writes a slice of the replicated tensors instead of DP rank 0 writing them all.
+        strategy = FullyParallelSaveStrategyWrapper(
+            get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+        with self._reporting_write_errors(tmp, state.step):
+            request = dist_checkpointing.save(sharded, tmp, strategy,
+                                              async_sharded_save=self._async_queue is not None)
         with self._reporting_write_errors(tmp, state.step):
             if self.engine.optimizer is not None:
                 self.engine.save_private(tmp)  # DeepSpeed's and FSDP2's optimizer state
@@ -170,7 +179,7 @@ class Checkpointer:
         def commit():
             checksums = self._checksums(tmp)  # collective: every rank reads back its share of the files
             if self.env.rank == 0:
-                store.write_manifest(tmp, step, {"layout": layout(self.env), "engine": self.engine.name}, checksums)
+                store.write_manifest(tmp, step, {"layout": self._layout(), "engine": self.engine.name}, checksums)
                 moved = store.commit(tmp, final, update_latest=in_run)
                 if moved:
                     self._announce(f"an earlier {os.path.basename(final)} (another line of this run) was moved to "
@@ -289,10 +298,10 @@ class Checkpointer:
                 f"checkpoint {path} holds optimizer state for another optimizer setup ({differences}); it cannot be "
                 "loaded into this one. Fix: use the checkpoint's settings to resume, or checkpoint.finetune=true to "
                 "take its weights with a fresh optimizer.")
-        if not self.engine.optimizer_reshards and meta["layout"] != layout(self.env):
+        if not self.engine.optimizer_reshards and meta["layout"] != self._layout():
             raise CheckpointError(
                 f"checkpoint {path} holds {self.engine.name} optimizer state for layout {meta['layout']}, and this "
-                f"run is {layout(self.env)}: it loads only at the layout it was saved with. Fix: resume at that "
+                f"run is {self._layout()}: it loads only at the layout it was saved with. Fix: resume at that "
                 "layout, or checkpoint.finetune=true to take its (reshardable) weights with a fresh optimizer.")
 
     def load(self, path: str, weights_only: bool = False, verified: bool = False) -> TrainState:
@@ -308,26 +317,26 @@ class Checkpointer:
             raise CheckpointError(store.damaged_message(path, found))
         meta = read_meta(path)
         self._check(path, meta, weights_only)
-        same_layout = meta["layout"] == layout(self.env)
+        same_layout = meta["layout"] == self._layout()
         with_optimizer = not weights_only and self.engine.optimizer is not None
-        with self.engine.full_parameters(modified=True):
-            sharded = self._sharded_state(is_loading=True, with_optimizer=with_optimizer,
-                                          with_rng=with_optimizer and same_layout)
-            try:
-                # RETURN_ALL: megatron reports both kinds of mismatch (and leaves requested keys that are absent
-                # out of the load) instead of ignoring keys that no rank asks for; key_mismatches judges them.
-                loaded, in_checkpoint_only, requested_only = dist_checkpointing.load(
-                    sharded, path, strict=StrictHandling.RETURN_ALL)
-            except Exception as error:  # megatron-core and torch raise many kinds; keep the cause chained
-                raise CheckpointError(f"reading checkpoint {path} failed: {type(error).__name__}: {error}") from error
-            mismatches = key_mismatches(in_checkpoint_only, requested_only, "optimizer" in sharded,
-                                        "rng_state" in sharded)
-            if not mismatches:
-                mismatches = self.engine.load_model_state(loaded["model"])
-            if mismatches:
-                raise CheckpointError(f"checkpoint {path} does not hold this model's weights:\n  - "
-                                      + "\n  - ".join(mismatches) + "\nFix: load it with the model settings it "
-                                      "was saved with (its config.yaml), or convert it (tools/convert_checkpoint.py).")
+        sharded = self._sharded_state(is_loading=True, with_optimizer=with_optimizer,
+                                      with_rng=with_optimizer and same_layout,
+                                      metadata=meta.get("sharding_metadata", LEGACY_SHARDING_METADATA))
+        try:
+            # RETURN_ALL: megatron reports both kinds of mismatch (and leaves requested keys that are absent
+            # out of the load) instead of ignoring keys that no rank asks for; key_mismatches judges them.
+            loaded, in_checkpoint_only, requested_only = dist_checkpointing.load(
+                sharded, path, self._load_strategy(path), strict=StrictHandling.RETURN_ALL)
+        except Exception as error:  # megatron-core and torch raise many kinds; keep the cause chained
+            raise CheckpointError(f"reading checkpoint {path} failed: {type(error).__name__}: {error}") from error
+        mismatches = key_mismatches(in_checkpoint_only, requested_only, "optimizer" in sharded,
+                                    "rng_state" in sharded)
+        if not mismatches:
+            mismatches = self.engine.load_model_state(loaded["model"])
+        if mismatches:
+            raise CheckpointError(f"checkpoint {path} does not hold this model's weights:\n  - "
+                                  + "\n  - ".join(mismatches) + "\nFix: load it with the model settings it "
+                                  "was saved with (its config.yaml), or convert it (tools/convert_checkpoint.py).")
         if not with_optimizer:
             self.engine.after_weights_loaded()
             self._announce(f"initialised the model from {path} (weights only)")
@@ -345,6 +354,15 @@ class Checkpointer:
         resharded = "" if same_layout else f" (saved at {meta['layout']}, resharded; RNG states not restored)"
         self._announce(f"resumed from {path} at step {state.step}, {state.consumed_samples} samples{resharded}")
         return state
+
+    def _load_strategy(self, path: str):
+        """megatron-core's default reader for ``path``, the reads split among DP replicas unless
+        ``checkpoint.fully_parallel_load=false``."""
+        strategy = get_default_load_sharded_strategy(path)
+        if not self.cfg.checkpoint.fully_parallel_load or self.env.dims.dp == 1:
+            return strategy
+        return FullyParallelLoadStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
     def _restore_schedule(self, saved: dict) -> None:
         """Continue the LR schedule at the saved position. Its shape comes from this run's config, so a resumed

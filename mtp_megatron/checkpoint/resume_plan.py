@@ -24,11 +24,13 @@ def start_plan(ckpt: CheckpointConfig, root: str) -> Union[dict, CheckpointError
     A dict: ``candidates`` (paths, best first), ``weights_only``, ``explicit`` (checkpoint.load named it: a damaged
     one is an error, not skipped), ``abandoned`` (checkpoints to set aside once the rollback target loads, or
     None) and ``notes`` (what to tell the user)."""
+    plan = {"candidates": [], "weights_only": False, "explicit": False, "abandoned": None, "notes": []}
+    for finished in store.finish_interrupted_commits(root):
+        plan["notes"].append(f"{finished}: its save had finished and its commit was cut short; committed it now")
     for stale in store.stale_temporaries(root):  # our own saves that died (one live run per folder)
         warnings.warn(f"ignoring {stale}: a save that did not finish; deleting it")
         store._remove(stale)
     own = store.committed(root)
-    plan = {"candidates": [], "weights_only": False, "explicit": False, "abandoned": None, "notes": []}
     if ckpt.resume == "never" and own:
         return CheckpointError(f"{root} already holds checkpoints and checkpoint.resume=never. Fix: use a new "
                                "run.dir, or checkpoint.resume=auto to continue that run.")

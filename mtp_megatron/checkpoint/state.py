@@ -24,10 +24,15 @@ from mtp_megatron.distributed.parallel import ParallelEnv
 
 META_KEY = "mtp_megatron"
 TRAIN_STATE_KEY = "train_state"
-# Megatron-LM's metadata for the sharded state: the optimizer's as a per-parameter layout that every rank writes
-# in parallel and that loads at any TP x PP x DP; no prefix from ChainedOptimizer, so keys do not depend on
-# grouping.
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# Megatron-LM's metadata for the sharded state. The distributed optimizer's state is written as
+# ``fully_sharded_model_space``: each DP rank writes its own flat range of every parameter's Adam moments and main
+# weights (the model-space tensor's ``flattened_range``), with no gather, and a load at any TP x PP x DP reads
+# exactly the ranges its own shard covers. (``fully_reshardable``, the earlier choice, all-gathers every DP
+# rank's state onto every rank while saving: +2x the state per GPU at 13B; ``dp_reshardable`` saves without a
+# gather but reshards over DP only.) No prefix from ChainedOptimizer, so keys do not depend on grouping.
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space", "chained_optim_avoid_prefix": True}
+# What checkpoints without ``sharding_metadata`` in their metadata (written before it was recorded) used.
+LEGACY_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 # Model fields that fix the tensors' shapes: a checkpoint loads only into a model that agrees on all of them.
 SHAPE_FIELDS = {
@@ -50,8 +55,13 @@ def tokenizer_identity(cfg: Config) -> dict:
     return data_tokenizer_identity(cfg.tokenizer.type, cfg.tokenizer.model)
 
 
-def layout(env: ParallelEnv) -> dict:
-    return {"tp": env.dims.tp, "pp": env.dims.pp, "dp": env.dims.dp}
+def layout(env: ParallelEnv, layers_per_stage=None) -> dict:
+    """Where each rank's state lives: TP x PP x DP, and an uneven pipeline split (``parallel.layers_per_stage``
+    resolved to its list) when there is one, since each stage's RNG streams then serve other layers."""
+    found = {"tp": env.dims.tp, "pp": env.dims.pp, "dp": env.dims.dp}
+    if isinstance(layers_per_stage, (list, tuple)) and len(set(layers_per_stage)) > 1:
+        found["layers_per_stage"] = list(layers_per_stage)
+    return found
 
 
 def optimizer_setup(cfg: Config) -> dict:

@@ -183,15 +183,35 @@ def damaged_message(folder: str, found: list[str]) -> str:
 # -- committing -------------------------------------------------------------------------------------------------
 
 def commit(tmp_folder: str, final_folder: str, update_latest: bool = True) -> Optional[str]:
-    """Publish a finished save: rename ``iter_N.tmp`` to ``iter_N``, then point ``latest`` at it. A folder of the
-    same name (the same step saved before, on a line since rolled back) is set aside first; returns where."""
+    """Publish a finished save (its manifest written): rename ``iter_N.tmp`` to ``iter_N``, then point ``latest``
+    at it. A folder of the same name (the same step saved before) is set aside first; returns where. A crash
+    between the two renames leaves the complete ``iter_N.tmp``, which the next start commits
+    (``finish_interrupted_commits``), and the old folder in ``set_aside/``: nothing is lost."""
     root = os.path.dirname(final_folder)
     moved = set_aside(root, [final_folder])[0] if os.path.exists(final_folder) else None
-    os.rename(tmp_folder, final_folder)
-    _fsync_dir(root)
+    _rename(tmp_folder, final_folder)
     if update_latest:
         write_latest(root, os.path.basename(final_folder))
     return moved
+
+
+def _rename(source: str, destination: str) -> None:
+    os.rename(source, destination)
+    _fsync_dir(os.path.dirname(destination))
+
+
+def finish_interrupted_commits(root: str) -> list[str]:
+    """Commit the saves that finished and whose commit died before the rename: an ``iter_N.tmp`` with its
+    manifest (rank 0 writes it only once every rank's files are written and checksummed) and every file of the
+    size it lists. Returns the folders committed; ``latest`` is left as it is (``resume_line`` takes a checkpoint
+    committed after ``latest`` last changed as the newest)."""
+    done = []
+    for folder in stale_temporaries(root):
+        if os.path.exists(os.path.join(folder, MANIFEST)) and not problems(folder):
+            final = folder[: -len(TMP_SUFFIX)]
+            commit(folder, final, update_latest=False)
+            done.append(final)
+    return done
 
 
 def read_latest(root: str) -> Optional[str]:

@@ -162,7 +162,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _coerce(value, inner[0], key)
-        raise ConfigError(f"{key}: unsupported annotation {annotation}")  # schema bug, not a user error
+        # Several forms (parallel.layers_per_stage: a list of integers or 'auto'): the first that accepts it.
+        reasons = []
+        for form in inner:
+            try:
+                return _coerce(value, form, key)
+            except ConfigError as e:
+                reasons.append(str(e).removeprefix(f"{key}: "))
+        raise ConfigError(f"{key}: {value!r} is none of its forms ({'; or '.join(reasons)})")
 
     if origin is typing.Literal:
         if value not in args:

@@ -12,7 +12,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Literal, Optional, Tuple
+from typing import Any, List, Literal, Optional, Tuple, Union
 
 
 @dataclass
@@ -138,6 +138,16 @@ class MTPConfig:
     """Take the n-1 extra head layers out of the trunk so the parameter count equals the n=1 model's, as in the
     paper's comparisons. False = add them on top."""
 
+    loss_chunk_size: int = 256
+    """Sequence positions whose logits each head forms at once: each head's layer runs over the whole sequence,
+    then its final norm, unembedding and fp32 cross-entropy run chunk by chunk, each chunk's backward right after
+    its loss in the sequential order (evaluation scores chunk by chunk too), so one chunk's logits (micro batch x
+    chunk x V/tp) are alive instead of the microbatch's. Same gradients and statistics to float rounding; need not
+    divide seq_length (the last chunk is shorter). 0 = no chunking. With parallel.sequence_parallel it must be a
+    multiple of parallel.tp (each rank takes loss_chunk_size / tp positions of its slice). The naive order
+    (sequential_backward=false) keeps every chunk's graph for its one backward, so chunking saves it nothing.
+    docs/benchmarks.md section 1 measures the memory and step time."""
+
 
 @dataclass
 class ParallelConfig:
@@ -148,7 +158,17 @@ class ParallelConfig:
 
     pp: int = 1
     """Pipeline-parallel size: the trunk's layers split into this many stages; the heads, final norm and
-    unembedding sit on the last stage. Must divide the trunk's layer count."""
+    unembedding sit on the last stage. Must divide the trunk's layer count unless ``layers_per_stage`` is set."""
+
+    layers_per_stage: Union[List[int], Literal["auto"], None] = None
+    """Trunk layers on each pipeline stage, first to last: ``pp`` entries >= 1 summing to the trunk's layer count
+    (``Config.trunk_num_layers``), e.g. [21, 15] for 13B's 36-layer trunk at pp=2, so the last stage's heads
+    and unembeddings do not leave the other stages idle. ``auto`` = the split whose slowest stage does the
+    fewest training FLOPs, heads, unembeddings and cross-entropies included (FLOP model in
+    mtp_megatron/distributed/pipeline_split.py; tools/plan.py prints each stage's share), replaced by its list
+    when the run starts, so the run's config.yaml shows it. null = an even split. megatron-core sets the first
+    and last stages' counts freely and splits the rest evenly, so with pp > 2 the middle entries must be equal.
+    Checkpoints load at any split."""
 
     sharding: Literal["none", "distributed_optimizer", "zero1", "zero2", "zero3", "fsdp"] = "distributed_optimizer"
     """How training state is spread over data-parallel ranks. none = plain DDP: every DP rank keeps the full fp32
@@ -356,6 +376,12 @@ class CheckpointConfig:
     async_save: bool = False
     """Write checkpoints in a background process: training goes on once the tensors are staged, and the
     checkpoint is committed (renamed, ``latest`` updated) at a later step boundary when every rank is done."""
+
+    fully_parallel_load: bool = True
+    """Split a load's reads among the data-parallel replicas (megatron-core's fully parallel load): each DP rank
+    reads 1/dp of the tensors its TP x PP position needs and they exchange the rest, instead of every replica
+    reading the whole TP x PP share from the (shared) file system. false = every rank reads all it needs itself
+    (less exchange memory, dp times the reads)."""
 
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the newest complete checkpoint in ``<run.dir>/checkpoints`` if there is one (else from

@@ -45,7 +45,8 @@ def problems(cfg: Config) -> List[str]:
     """What ``validate`` would raise, as a list, for checks that add their own problems to the same message
     (``validate_for_world``)."""
     out = _Problems()
-    for check in (_check_sizes, _check_shapes, _check_trunk_and_heads, _check_parallel, _check_optim, _check_run):
+    for check in (_check_sizes, _check_shapes, _check_trunk_and_heads, _check_loss_chunks, _check_parallel,
+                  _check_optim, _check_run):
         check(cfg, out)
     return list(out)
 
@@ -84,6 +85,20 @@ def _check_sizes(cfg: Config, out: _Problems) -> None:
     if ffn < 1:
         out.add("model.ffn_hidden_size", f"must be >= 1, got {ffn}", "use a positive value or null")
         out.bad.add("model.ffn_hidden_size")
+
+
+def _check_loss_chunks(cfg: Config, out: _Problems) -> None:
+    """``mtp.loss_chunk_size``: 0 (off) or a positive count of positions, which sequence parallelism splits evenly
+    over the TP ranks (each takes its share of a chunk from its own slice of the sequence)."""
+    chunk, par = cfg.mtp.loss_chunk_size, cfg.parallel
+    if chunk < 0:
+        out.add("mtp.loss_chunk_size", f"must be >= 0, got {chunk}",
+                "use a count of sequence positions per chunk (e.g. 256), or 0 for no chunking")
+    elif chunk and par.sequence_parallel and "parallel.tp" not in out.bad and chunk % par.tp:
+        out.add("mtp.loss_chunk_size",
+                f"{chunk} positions cannot be split over parallel.tp={par.tp} ranks under sequence parallelism "
+                "(each rank forms its share of a chunk from its own slice of the sequence)",
+                f"use a multiple of {par.tp} (e.g. {max(par.tp, chunk // par.tp * par.tp)}), or 0 for no chunking")
 
 
 def _check_shapes(cfg: Config, out: _Problems) -> None:
@@ -159,6 +174,8 @@ def _check_trunk_and_heads(cfg: Config, out: _Problems) -> None:
         fix = "set model.num_layers >= 2"
     if trunk < 1:
         out.add("model.num_layers", f"leaves {trunk} trunk layers ({taken})", fix)
+    elif "parallel.pp" not in out.bad and par.layers_per_stage is not None:
+        _check_layers_per_stage(par.layers_per_stage, trunk, par.pp, taken, out)
     elif "parallel.pp" not in out.bad and trunk % par.pp:
         # Suggest the pp values that fit, and the nearest layer counts that fit this pp.
         offset = m.num_layers - trunk
@@ -168,8 +185,55 @@ def _check_trunk_and_heads(cfg: Config, out: _Problems) -> None:
             "parallel.pp",
             f"pp={par.pp} does not divide the trunk's {trunk} layers ({taken})",
             f"set parallel.pp to one of {_divisors(trunk)}, or model.num_layers to "
-            f"{' or '.join(str(n) for n in layers)}",
+            f"{' or '.join(str(n) for n in layers)}" + (
+                f", or parallel.layers_per_stage to a list of {par.pp} counts (e.g. "
+                f"{_nearest_split([trunk // par.pp] * par.pp, trunk, par.pp)}) or auto" if trunk >= par.pp else ""),
         )
+
+
+def pipeline_splits(trunk: int, pp: int) -> List[List[int]]:
+    """Every split of ``trunk`` layers over ``pp`` stages that megatron-core builds (``num_layers_in_first_/
+    last_pipeline_stage``): at least one layer per stage, any first and last counts, the stages between them
+    equal. In order of the first stage's count, then the middle stages'."""
+    if pp == 1:
+        return [[trunk]] if trunk >= 1 else []
+    if pp == 2:
+        return [[first, trunk - first] for first in range(1, trunk)]
+    splits = []
+    for first in range(1, trunk):
+        for middle in range(1, (trunk - first) // (pp - 2) + 1):
+            last = trunk - first - middle * (pp - 2)
+            if last >= 1:
+                splits.append([first] + [middle] * (pp - 2) + [last])
+    return splits
+
+
+def _nearest_split(wanted: List[int], trunk: int, pp: int) -> List[int]:
+    """The split megatron-core builds that differs least from ``wanted`` (padded or cut to ``pp`` entries)."""
+    wanted = (list(wanted) + [0] * pp)[:pp]
+    return min(pipeline_splits(trunk, pp), key=lambda split: sum(abs(a - b) for a, b in zip(split, wanted)))
+
+
+def _check_layers_per_stage(split, trunk: int, pp: int, taken: str, out: _Problems) -> None:
+    """``parallel.layers_per_stage``: ``auto``, or a list megatron-core can build for this trunk and pp."""
+    name = "parallel.layers_per_stage"
+    if trunk < pp:
+        out.add(name, f"{split!r} cannot give each of the pp={pp} stages one of the trunk's {trunk} layers ({taken})",
+                f"set parallel.pp to at most {trunk}")
+        return
+    if split == "auto":
+        return
+    nearest = _nearest_split(split, trunk, pp)
+    fix = f"use {nearest} (the nearest split megatron-core builds), or auto for the FLOP-balanced one"
+    if len(split) != pp:
+        out.add(name, f"{split} has {len(split)} entr{'y' if len(split) == 1 else 'ies'}, but parallel.pp={pp}", fix)
+    elif min(split) < 1:
+        out.add(name, f"{split} leaves a stage without trunk layers (every stage needs >= 1)", fix)
+    elif sum(split) != trunk:
+        out.add(name, f"{split} sums to {sum(split)}, but the trunk has {trunk} layers ({taken})", fix)
+    elif len(set(split[1:-1])) > 1:
+        out.add(name, f"{split}: megatron-core splits the stages between the first and the last evenly, so their "
+                "counts must be equal", fix)
 
 
 DEEPSPEED_SHARDING = ("zero1", "zero2", "zero3")

@@ -46,6 +46,7 @@ def dense_config(cfg: Config, precision: str, device: str = "cpu") -> Config:
     """``cfg`` as a single process on ``device`` holds it: TP1 x PP1, no ZeRO, the given precision."""
     local = copy.deepcopy(cfg)
     local.parallel.tp = local.parallel.pp = 1
+    local.parallel.layers_per_stage = None  # one stage holds the whole trunk, whatever split the run trained with
     local.parallel.sharding, local.parallel.sequence_parallel = "none", False
     local.parallel.overlap_grad_reduce = local.parallel.overlap_param_gather = False
     local.parallel.deepspeed_config = None
@@ -115,6 +116,8 @@ def write_checkpoint(cfg: Config, state: dict[str, torch.Tensor], path: str, tar
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; choose a new output folder")
     target = copy.deepcopy(cfg)
+    if target_pp != cfg.parallel.pp:
+        target.parallel.layers_per_stage = None  # the source's split is for its own pp: even at the target's
     target.parallel.tp, target.parallel.pp = target_tp, target_pp
     target.parallel.sharding = "distributed_optimizer"
     target.parallel.overlap_grad_reduce = target.parallel.overlap_param_gather = False

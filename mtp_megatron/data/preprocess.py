@@ -2,7 +2,8 @@
 
 The output is what Megatron-LM's ``tools/preprocess_data.py`` writes: for each JSON key one dataset
 ``{output_prefix}_{key}_document``, one sequence per document (sentences are not split), with the tokenizer's EOD
-after each document when ``append_eod`` is set, written by megatron-core's ``IndexedDatasetBuilder``.
+after each document when ``append_eod`` is set, byte for byte what megatron-core's ``IndexedDatasetBuilder`` writes
+(``_DatasetWriter`` below writes that format itself: see its docstring for why).
 
 Three properties matter more than raw speed:
 
@@ -13,8 +14,8 @@ Three properties matter more than raw speed:
   with ``overwrite``, and it stays intact if the new run fails.
 * Bad input stops the run naming the file and line, or is skipped and listed (see ``mtp_megatron.data.sources``).
 
-The main process reads the input and writes the output; workers load only the tokenizer (sentencepiece or
-nothing), never megatron-core. ``Pool.imap`` pulls documents from the reader in a feeder thread that blocks once the
+The main process reads the input and writes the output; neither it nor the workers import megatron-core or torch
+(workers load only the tokenizer: sentencepiece or nothing), so a run starts in well under a second. ``Pool.imap`` pulls documents from the reader in a feeder thread that blocks once the
 pipe to the workers is full, so reading never runs far ahead of tokenization, and an ``InputError`` raised while
 reading comes back out of ``imap`` at its place in the input order.
 """
@@ -24,15 +25,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import struct
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mtp_megatron.data.index_file import write_tokenizer_record
+from mtp_megatron.data.index_file import DTYPE_CODES, INDEX_MAGIC, INDEX_VERSION, write_tokenizer_record
 from mtp_megatron.data.sources import DataError, DocumentReader, SkipLog
 from mtp_megatron.data.tokenizer import build_tokenizer, token_dtype, tokenizer_identity
 
@@ -49,6 +50,9 @@ TOKENIZER_TYPES = {
     "ByteTokenizer": ("byte", False),
 }
 CHUNKSIZE = 32  # documents per task sent to a worker: amortizes the pickling round trip
+# The .idx header: magic, version, dtype code, sequence count, document count (the layout index_file.py reads).
+INDEX_HEADER = struct.Struct("<9sQBQQ")
+DTYPE_CODE = {np.dtype(dtype): code for code, dtype in DTYPE_CODES.items()}
 PROGRESS_SECONDS = 1.0
 MB = 1e6
 
@@ -123,14 +127,13 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, tokenizer_type: str
     _check_outputs(prefixes.values(), overwrite)
     for prefix in prefixes.values():
         _remove_stale_temporaries(prefix)
-    IndexedDatasetBuilder = _import_builder()
 
     meter = _Progress(log_interval, enabled=progress)
     writers: List[_DatasetWriter] = []
     try:
         with _pool(workers, kind, tokenizer_model, append_eod, prepend_bos) as pool:
             # Opened after the fork, so that no worker inherits an open output file.
-            writers = [_DatasetWriter(IndexedDatasetBuilder, prefix, dtype) for prefix in prefixes.values()]
+            writers = [_DatasetWriter(prefix, dtype) for prefix in prefixes.values()]
             records = ((document.texts, document.nbytes) for document in reader)
             for token_arrays, nbytes in pool.imap(_encode, records, chunksize=CHUNKSIZE):
                 for writer, tokens in zip(writers, token_arrays):
@@ -157,16 +160,6 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, tokenizer_type: str
         raise
     finally:
         meter.close()
-
-
-def _import_builder():
-    """megatron-core's ``IndexedDatasetBuilder``, imported on first use: the import takes ~4 s, which workers and
-    ``--help`` need not pay. Its warnings about optional GPU packages (Apex, Transformer Engine) are irrelevant to
-    writing files and are silenced."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    return IndexedDatasetBuilder
 
 
 def _remove_stale_temporaries(prefix: str) -> None:
@@ -197,19 +190,43 @@ def _check_outputs(prefixes, overwrite: bool) -> None:
 
 
 class _DatasetWriter:
-    """One key's dataset, written under ``{prefix}.tmp-{pid}.bin/.idx`` and renamed to ``{prefix}.bin/.idx``."""
+    """One key's dataset, written under ``{prefix}.tmp-{pid}.bin/.idx`` and renamed to ``{prefix}.bin/.idx``.
 
-    def __init__(self, builder_class, prefix: str, dtype: type):
+    The files are byte for byte those of megatron-core's ``IndexedDatasetBuilder`` after ``add_document(tokens,
+    [len(tokens)])`` per document and ``finalize``: the ``.bin`` is the documents' tokens back to back, the ``.idx``
+    the header, int32 sequence lengths, int64 byte offsets and int64 document boundaries (one sequence per
+    document, so 0..n). They are written here rather than by the builder because importing megatron-core costs
+    about 4 CPU-seconds before the first document (most of a small run, and taken from the tokenizing workers on a
+    busy node); tests/data/test_preprocess_speedups.py compares the two byte for byte.
+    """
+
+    def __init__(self, prefix: str, dtype: type):
         self.prefix = prefix
         self.tmp_prefix = f"{prefix}.tmp-{os.getpid()}"
+        self.dtype = np.dtype(dtype)
+        self.lengths: List[int] = []
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self.builder = builder_class(f"{self.tmp_prefix}.bin", dtype=dtype)
+        self._bin = open(f"{self.tmp_prefix}.bin", "wb")
 
     def add(self, tokens: np.ndarray) -> None:
-        self.builder.add_document(tokens, [len(tokens)])
+        """Append one document: ``tokens``, a 1-d array of the dataset's dtype (written without a copy)."""
+        if tokens.dtype != self.dtype:  # a wrong dtype would silently misalign every later document
+            raise TypeError(f"tokens of dtype {tokens.dtype} for a dataset of {self.dtype}")
+        self._bin.write(np.ascontiguousarray(tokens).data)
+        self.lengths.append(len(tokens))
 
     def finalize(self) -> None:
-        self.builder.finalize(f"{self.tmp_prefix}.idx")
+        self._bin.close()
+        lengths = np.array(self.lengths, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)  # byte offset of each sequence in the .bin
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= self.dtype.itemsize
+        boundaries = np.arange(len(lengths) + 1, dtype=np.int64)  # document i is sequence i
+        with open(f"{self.tmp_prefix}.idx", "wb") as f:
+            f.write(INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, DTYPE_CODE[self.dtype], len(lengths),
+                                      len(boundaries)))
+            for array in (lengths, pointers, boundaries):
+                f.write(array.tobytes())
 
     def commit(self) -> None:
         for suffix in (".bin", ".idx"):  # the index last: megatron-core reads a dataset through its index
@@ -219,7 +236,7 @@ class _DatasetWriter:
             os.remove(stale)
 
     def discard(self) -> None:
-        self.builder.data_file.close()  # the builder keeps its .bin open until finalize
+        self._bin.close()
         for suffix in (".bin", ".idx"):
             if os.path.exists(self.tmp_prefix + suffix):
                 os.remove(self.tmp_prefix + suffix)

@@ -9,7 +9,8 @@ An engine owns the wrapped model, its optimizer and LR schedule, and knows how i
   reshardable distributed checkpoint, ``sharded_state``; the engine's own files beside it (``private_folder``,
   ``save_private`` / ``load_optimizer``); how loaded weights go back into the model (``load_model_state``);
 * parameter sync before the weights are read (``sync_parameters``, ``gathered_parameters``: the distributed
-  optimizer's overlapped all-gather), and for ZeRO-3 the gather of partitioned parameters (``full_parameters``);
+  optimizer's overlapped all-gather); engines that shard parameters over DP (ZeRO-3, FSDP2) checkpoint each rank's
+  shard and gather nothing for it (engines/flat_shards.py);
 * the bytes of parameters, gradients and optimizer state this rank holds (``state_bytes``).
 
 The engines: ``MegatronEngine`` (engines/megatron.py: DDP or megatron-core's distributed optimizer, TP x PP x DP),
@@ -121,19 +122,17 @@ class Engine(ABC):
         """Current weights on every rank for forward-only passes (evaluation)."""
         return contextlib.nullcontext()
 
-    def full_parameters(self, modified: bool = False) -> contextlib.AbstractContextManager:
-        """Each parameter whole (as TP shards) for the checkpoint to read, or with ``modified`` to write into."""
-        return contextlib.nullcontext()
-
     def local_parameters(self) -> Iterator[torch.Tensor]:
-        """The parameter data this rank holds (its shard where parameters are sharded)."""
+        """The parameter data this rank holds (its shard where parameters are sharded, without padding): what the
+        checkpointer checks for finiteness before a save."""
         return (param.detach() for param in self.module.parameters())
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def sharded_state(self, metadata: dict, is_loading: bool, with_optimizer: bool) -> dict:
         """The engine's part of the distributed checkpoint: ``model``, and ``optimizer`` where megatron-core's
-        optimizer keeps it. Called inside ``full_parameters``."""
+        optimizer keeps it; the same global tensors from every engine (ZeRO-3 and FSDP2 give only this rank's
+        shard of each). For a load (``is_loading``) it is followed by ``load_model_state`` with what was read."""
         return {"model": self.module.sharded_state_dict(metadata=dict(metadata))}
 
     def load_model_state(self, state_dict: dict) -> list[str]:

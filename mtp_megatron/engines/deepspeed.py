@@ -18,14 +18,14 @@ while only fp16 runs set its ``overflow`` flag): the torch optimizer that ZeRO d
 apply, is not finite on any rank. DeepSpeed's own skip (0.19.8 skips a non-finite gradient norm in fp32, bf16
 and fp16) is read back too. Tested with DeepSpeed 0.19.8 (``TESTED_DEEPSPEED``); another release is refused.
 
-Checkpoints: the model is written into the distributed checkpoint like every engine's (ZeRO-3 gathers each TP
-shard for it, so it reshards and tools read it alike); DeepSpeed writes its optimizer partitions beside it in
+Checkpoints: the model is written into the distributed checkpoint like every engine's, so it reshards and tools
+read it alike; under ZeRO-3 each rank writes and reads only its own partition of every parameter
+(engines/flat_shards.py), no parameter is gathered. DeepSpeed writes its optimizer partitions beside it in
 ``deepspeed/``, loadable at the layout they were saved with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Callable, Optional
@@ -37,6 +37,7 @@ from mtp_megatron.config import Config, ConfigError
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.engines.base import Engine, EngineStateError, adam_state, storage_bytes
 from mtp_megatron.engines.deepspeed_config import deepspeed_config
+from mtp_megatron.engines.flat_shards import FlatShard, FlatShardCheckpoint, model_on_meta
 from mtp_megatron.engines.optim import build_scheduler, param_groups, torch_adamw
 from mtp_megatron.engines.step import StepResult, forward_step, reduce_head_stats
 
@@ -169,6 +170,8 @@ class DeepSpeedEngine(Engine):
         engine, optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=adamw, config=self.config, mpu=MegatronMPU(env), dist_init_required=False)
         super().__init__(cfg, env, engine, module, optimizer, build_scheduler(cfg, optimizer))
+        self._twin: Optional[torch.nn.Module] = None  # ZeRO-3's checkpoint structure, on the meta device
+        self._loading: Optional[FlatShardCheckpoint] = None  # between a ZeRO-3 load's sharded_state and its end
 
     @property
     def zero3(self) -> bool:
@@ -237,28 +240,40 @@ class DeepSpeedEngine(Engine):
 
     # -- parameters and checkpoints
 
-    @contextlib.contextmanager
-    def full_parameters(self, modified: bool = False):
-        """ZeRO-3 keeps 1/dp of each parameter on a rank: gather them for reading (or, with ``modified``, writing,
-        broadcast from DP rank 0 and re-partitioned on exit). Nothing to do for ZeRO-1/2."""
-        if not self.zero3:
-            yield
-            return
-        import deepspeed
-
-        source = dist.get_global_rank(self.env.groups.dp, 0) if modified else None
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=source):
-            yield
-
     def local_parameters(self):
         if not self.zero3:
             return super().local_parameters()
-        return (param.ds_tensor for param in self.module.parameters())
+        return (shard.data for shard in zero3_shards(self.module).values())
+
+    def sharded_state(self, metadata: dict, is_loading: bool, with_optimizer: bool) -> dict:
+        """ZeRO-3: the model from each rank's partition of every parameter (engines/flat_shards.py), nothing
+        gathered; the optimizer state is DeepSpeed's own (``save_private``)."""
+        if not self.zero3:
+            return super().sharded_state(metadata, is_loading, with_optimizer)
+        if self._twin is None:
+            self._twin = model_on_meta(self.cfg, self.env, self.module.document_eod)
+        checkpoint = FlatShardCheckpoint(self._twin, self.module, zero3_shards(self.module))
+        self._loading = checkpoint if is_loading else None
+        return {"model": checkpoint.sharded_state_dict(metadata, is_loading)}
+
+    def load_model_state(self, state_dict: dict) -> list[str]:
+        """ZeRO-3: into this rank's partitions; the parameters DeepSpeed keeps gathered (its persistent small
+        ones) are released, so that the next forward gathers them from the loaded partitions."""
+        if not self.zero3:
+            return super().load_model_state(state_dict)
+        problems, self._loading = self._loading.load(state_dict), None
+        release_gathered(self.module)
+        return problems
 
     def after_weights_loaded(self) -> None:
         self.optimizer.refresh_fp32_params()  # ZeRO's fp32 master partitions from the loaded weights
 
     def save_private(self, folder: str) -> None:
+        if self.zero3:
+            # DeepSpeed's module file holds what each parameter's ``data`` is: nothing for a released parameter,
+            # the whole of one kept gathered. Released, they match what a load leaves (``load_model_state``), which
+            # DeepSpeed's load of that file requires; the weights are in the distributed checkpoint.
+            release_gathered(self.module)
         self.model.save_checkpoint(folder, tag=self.private_folder, save_latest=False)
 
     def load_optimizer(self, loaded: dict, path: str) -> None:
@@ -305,3 +320,30 @@ class DeepSpeedEngine(Engine):
                                    *(getattr(p, "grad_accum", None) for p in module.parameters())])
         state = storage_bytes([*adam_state(optimizer.optimizer), *masters])
         return {"params": sum(params.values()), "grads": sum(grads.values()), "optimizer": sum(state.values())}
+
+
+def zero3_shards(module) -> dict[str, FlatShard]:
+    """This rank's ZeRO-3 partition of each parameter, by name. DeepSpeed pads the flattened parameter to equal
+    partitions, one per rank of its DP group in rank order (``ds_tensor``); the padding at the end is left out."""
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    shards = {}
+    for name, param in module.named_parameters():
+        partition = param.ds_tensor
+        if partition.final_location == OffloadDeviceEnum.nvme:  # swapped out: not in memory between steps
+            raise NotImplementedError(f"{name}: ZeRO-3 parameters offloaded to NVMe are not checkpointed here. "
+                                      "Fix: offload_param device cpu or none")
+        size = partition.ds_numel
+        start = size * param.ds_zero_partition_rank
+        shards[name] = FlatShard(start, partition.view(-1).narrow(0, 0, max(0, min(size, param.ds_numel - start))))
+    return shards
+
+
+def release_gathered(module) -> None:
+    """Release the ZeRO-3 parameters that are gathered now (DeepSpeed keeps its small "persistent" ones so between
+    steps) as DeepSpeed releases them: their partitions are current, the gathered copy is dropped."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in module.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE]
+    if gathered:
+        gathered[0].partition(param_list=gathered, has_been_updated=False)

@@ -18,12 +18,12 @@ which sums DTensor shards over DP and then over TP, counting TP-replicated param
 AdamW over megatron-core's parameter groups; a non-finite loss or norm skips the update.
 
 Checkpoints: the model goes into the reshardable distributed checkpoint as every engine writes it, so it loads
-into every engine at any layout and they into it. megatron-core's own DTensor support is not used for this: its
-swiglu ``linear_fc1`` factory splits the local tensor into gate and up halves, which under FSDP2 is a DP shard,
-not the TP shard, and the weights come back permuted (measured: 8 of 51 tensors wrong, no error). Instead,
-inside ``full_parameters`` the DP shards are gathered into a plain copy of the bare model (built on the meta
-device, materialised for the save or load and freed after it: the full TP shard of the weights, as ZeRO-3's
-gather), whose ``sharded_state_dict`` is the one every engine writes; a load scatters it back into the shards.
+into every engine at any layout and they into it. Each rank writes and reads only its own DP shard of every
+weight, a block of whole rows of the TP shard and so a contiguous range of it flattened (engines/flat_shards.py):
+nothing is gathered. megatron-core's own DTensor support is not used for this: its swiglu ``linear_fc1`` factory
+splits the local tensor into gate and up halves, which under FSDP2 is a DP shard, not the TP shard, and the
+weights come back permuted (measured: 8 of 51 tensors wrong, no error); flat_shards.py splits each rank's range at
+the halves' boundary instead.
 The optimizer state is written by torch distributed checkpoint (``get_optimizer_state_dict``) into ``fsdp/``,
 one folder per TP rank, and loads at the layout it was saved with.
 
@@ -33,7 +33,6 @@ local layers; ``transformer_engine`` is refused when the config is loaded).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -44,7 +43,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
@@ -52,6 +52,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from mtp_megatron.config import Config
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.engines.base import Engine, EngineStateError, adam_state, storage_bytes
+from mtp_megatron.engines.flat_shards import FlatShard, FlatShardCheckpoint, model_on_meta
 from mtp_megatron.engines.optim import build_scheduler, param_groups, torch_adamw
 from mtp_megatron.engines.step import run_forward_backward
 
@@ -78,7 +79,8 @@ class FSDP2Engine(Engine):
                 setattr(param, key, value)
         optimizer = torch_adamw(cfg, param_groups(cfg, module))
         super().__init__(cfg, env, module, module, optimizer, build_scheduler(cfg, optimizer))
-        self._plain: Optional[torch.nn.Module] = None  # the gathered copy, inside full_parameters only
+        self._twin: Optional[torch.nn.Module] = None  # the checkpoint's structure, on the meta device
+        self._loading: Optional[FlatShardCheckpoint] = None  # between a load's sharded_state and its end
 
     # -- steps
 
@@ -108,36 +110,18 @@ class FSDP2Engine(Engine):
     def local_parameters(self):
         return (_local(param).detach() for param in self.module.parameters())
 
-    @contextlib.contextmanager
-    def full_parameters(self, modified: bool = False):
-        """A plain copy of the bare model, its weights gathered from the DP shards (unless ``modified``: a load
-        fills it, and ``load_model_state`` scatters it back), for the checkpoint to read or fill. Collective."""
-        plain = _plain_copy(self.cfg, self.env, self.module)
-        with torch.no_grad():
-            for name, param in self.module.named_parameters():
-                if not modified:
-                    plain.get_parameter(name).copy_(param.full_tensor())
-            for name, buffer in self.module.named_buffers():
-                plain.get_buffer(name).copy_(buffer)
-        self._plain = plain
-        try:
-            yield
-        finally:
-            self._plain = None
-
     def sharded_state(self, metadata: dict, is_loading: bool, with_optimizer: bool) -> dict:
-        return {"model": self._plain.sharded_state_dict(metadata=dict(metadata))}
+        """The model from each rank's DP shard of every parameter (engines/flat_shards.py), nothing gathered; the
+        optimizer state is written beside it (``save_private``)."""
+        if self._twin is None:
+            self._twin = model_on_meta(self.cfg, self.env, self.module.document_eod)
+        checkpoint = FlatShardCheckpoint(self._twin, self.module, row_block_shards(self.module))
+        self._loading = checkpoint if is_loading else None
+        return {"model": checkpoint.sharded_state_dict(metadata, is_loading)}
 
     def load_model_state(self, state_dict: dict) -> list[str]:
-        """Load into the plain copy as every engine loads, then give each DP rank its shard of every weight."""
-        result = self._plain.load_state_dict(state_dict, strict=False)
-        problems = [f"{key}: not loaded into this model" for key in [*result.missing_keys, *result.unexpected_keys]
-                    if not key.endswith("_extra_state")]
-        with torch.no_grad():
-            for name, param in self.module.named_parameters():
-                full = self._plain.get_parameter(name)
-                param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements,
-                                                         src_data_rank=None).to_local())
+        """Into this rank's shards, from which FSDP2 all-gathers each unit's weights at its next forward."""
+        problems, self._loading = self._loading.load(state_dict), None
         return problems
 
     def _optimizer_folder(self, checkpoint: str) -> str:
@@ -181,14 +165,13 @@ def local_layers(cfg: Config) -> Config:
     return local
 
 
-def _plain_copy(cfg: Config, env: ParallelEnv, module) -> torch.nn.Module:
-    """The bare model's twin with plain tensors (uninitialised), built on the meta device and then allocated."""
-    from mtp_megatron.model.builder import construct_model, transformer_config
-
-    cfg = local_layers(cfg)
-    config = transformer_config(cfg, env.device)
-    config.params_dtype = torch.float32  # FSDP2 keeps fp32 weights (module docstring)
-    with torch.device("meta"):
-        plain = construct_model(cfg, config, env.groups, env.is_first_stage, env.is_last_stage,
-                                cuda=env.device.type == "cuda", document_eod=module.document_eod)
-    return plain.to_empty(device=env.device)
+def row_block_shards(module) -> dict[str, FlatShard]:
+    """This rank's FSDP2 shard of each parameter, by name: ``Shard(0)`` over the DP mesh gives each rank a block of
+    whole rows of the (TP-local) parameter, possibly none."""
+    shards = {}
+    for name, param in module.named_parameters():
+        if tuple(param.placements) != (Shard(0),):
+            raise RuntimeError(f"{name}: FSDP2 placement {param.placements}, and checkpoints expect Shard(0)")
+        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        shards[name] = FlatShard(offset[0] * math.prod(param.shape[1:]), param.to_local().view(-1))
+    return shards

@@ -1,8 +1,9 @@
 """megatron-core's engine (``parallel.sharding=none|distributed_optimizer``): the model under megatron's mixed
 precision wrapper and DDP, megatron-core's AdamW (distributed or not) and its pipeline schedules; TP x PP x DP.
 
-The optimizer state is part of the distributed checkpoint in megatron's ``fully_reshardable`` form, so it loads
-at any other layout.
+The optimizer state is part of the distributed checkpoint, each DP rank writing its own range of every parameter
+with no gather, and loads at any other layout (engines/distributed_optimizer_checkpoint.py); checkpoints written
+in megatron-core's ``fully_reshardable`` form (before that) load as before.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from megatron.core.utils import get_model_config
 
 from mtp_megatron.config import Config
 from mtp_megatron.distributed.parallel import ParallelEnv
+from mtp_megatron.engines import distributed_optimizer_checkpoint as optimizer_checkpoint
 from mtp_megatron.engines.base import Engine, adam_state, storage_bytes
 from mtp_megatron.engines.megatron_workarounds import keep_adam_step_on_load, prime_adam_state
 from mtp_megatron.engines.optim import build_scheduler
@@ -36,6 +38,7 @@ class MegatronEngine(Engine):
         optimizer = build_optimizer(cfg, [model], env.groups)
         super().__init__(cfg, env, model, module, optimizer, build_scheduler(cfg, optimizer))
         connect_schedule_hooks(model, optimizer, cfg)
+        self._load_targets = None  # between sharded_state(is_loading=True) and load_optimizer
 
     def _update(self, losses_finite: bool) -> tuple[Optional[float], Optional[str]]:
         return step_if_finite(self.optimizer, losses_finite)
@@ -70,10 +73,17 @@ class MegatronEngine(Engine):
     def sharded_state(self, metadata: dict, is_loading: bool, with_optimizer: bool) -> dict:
         state = super().sharded_state(metadata, is_loading, with_optimizer)
         if with_optimizer:
-            if is_loading:
-                prime_adam_state(self.optimizer)
-            state["optimizer"] = self.optimizer.sharded_state_dict(state["model"], is_loading=is_loading,
-                                                                   metadata=dict(metadata))
+            # Loading, and saving before the first update (a run started from weights only), both read every
+            # parameter's Adam step, which torch's Adam creates only at its first update.
+            prime_adam_state(self.optimizer)
+            if metadata.get("distrib_optim_sharding_type") == optimizer_checkpoint.FORMAT:
+                state["optimizer"] = optimizer_checkpoint.sharded_optimizer_state(
+                    self.optimizer, state["model"], is_loading, dict(metadata))
+                if is_loading:
+                    self._load_targets = optimizer_checkpoint.load_targets(self.optimizer, state["optimizer"])
+            else:  # checkpoints written in megatron-core's fully_reshardable form
+                state["optimizer"] = self.optimizer.sharded_state_dict(state["model"], is_loading=is_loading,
+                                                                       metadata=dict(metadata))
         return state
 
     def after_weights_loaded(self) -> None:
@@ -81,8 +91,12 @@ class MegatronEngine(Engine):
             self.optimizer.reload_model_params()  # mixed precision: refresh the fp32 main copy
 
     def load_optimizer(self, loaded: dict, path: str) -> None:
+        targets, self._load_targets = self._load_targets, None
         with keep_adam_step_on_load(self.optimizer):
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            if targets is not None:
+                optimizer_checkpoint.load_optimizer_state(self.optimizer, loaded["optimizer"], targets)
+            else:
+                self.optimizer.load_state_dict(loaded["optimizer"])
 
     def gathered_gradients(self) -> dict[str, torch.Tensor]:
         """DDP's ``main_grad``s. The distributed optimizer reduce-scatters each bucket, so a rank's buffer is valid

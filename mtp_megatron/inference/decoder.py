@@ -9,7 +9,10 @@ inverse frequencies in fp32 from ``model.rotary_base``, megatron's llama3 scalin
 
 ``forward(tokens, cache)`` runs the new tokens [b, t] after what ``cache`` holds and returns every head's logits
 [n, b, t, V]: head 1 is the next token, head i the token i-1 after it. Each head layer keeps its own keys and
-values (it attends over the trunk outputs of all earlier positions), so the cache has trunk + n layers.
+values (it attends over the trunk outputs of all earlier positions), so the cache has trunk + n layers. The
+rows of a batch may hold different lengths (speculative decoding accepts a different count of drafts per row;
+prompts of different lengths): row r's new tokens take positions ``cache.lengths[r]`` on, for RoPE and in the
+cache, and attend to that row's positions only.
 
 ``MTPDecoder(cfg, dense, dtype, device)`` copies (and casts) every weight onto ``device`` once; everything a
 forward creates (positions, the attention mask) is made on the weights' device, so ``tokens`` must be there too.
@@ -32,19 +35,71 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 @dataclass
 class KVCache:
-    """Per layer (trunk, then heads) keys and values [b, kv_heads, T, d]; ``length`` = T."""
+    """Per layer (trunk, then heads) keys and values [b, kv_heads, slots, d], and each row's length.
+
+    Row r's positions 0 .. lengths[r]-1 fill its first slots; the slots after them are stale (rejected drafts, a
+    shorter prompt's padding): never attended to, and overwritten by the row's next tokens. So cropping is setting
+    lengths, and rows of one batch can hold different lengths. The lengths are kept on the host so that a forward
+    needs no GPU sync to know how many slots to attend over.
+    """
 
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+    """Valid positions per row (empty before the first forward)."""
+    reserved: int = 0
+    """Slots per row to allocate at the first forward (more are added when a forward needs them)."""
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        """The longest row's length: the slots a forward attends over before its new tokens."""
+        return max(self.lengths, default=0)
 
-    def crop(self, length: int) -> None:
-        """Forget every position from ``length`` on (rejected drafts)."""
-        self.keys = [k[:, :, :length] for k in self.keys]
-        self.values = [v[:, :, :length] for v in self.values]
+    def crop(self, lengths: int | list[int]) -> None:
+        """Forget every position from ``lengths`` on (one length for every row, or one per row)."""
+        per_row = [lengths] * len(self.lengths) if isinstance(lengths, int) else lengths
+        if len(per_row) != len(self.lengths):
+            raise ValueError(f"crop to {len(per_row)} lengths, but the cache holds {len(self.lengths)} rows")
+        self.lengths = [min(old, new) for old, new in zip(self.lengths, per_row)]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not in ``rows`` (rows that have finished), so later forwards skip them."""
+        if not self.keys:
+            self.lengths = [self.lengths[r] for r in rows]
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.keys[0].device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.lengths = [self.lengths[r] for r in rows]
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+              span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's new keys and values [b, kv_heads, t, d] at each row's ``slots`` [b, t]; return the
+        layer's keys and values over its first ``span`` slots (all a forward's queries can see)."""
+        if layer == len(self.keys):
+            shape = (keys.shape[0], keys.shape[1], max(span, self.reserved), keys.shape[3])
+            self.keys.append(keys.new_zeros(shape))
+            self.values.append(values.new_zeros(shape))
+        elif self.keys[layer].shape[2] < span:  # grow geometrically: a copy every few forwards, not every one
+            grow = max(span, 2 * self.keys[layer].shape[2]) - self.keys[layer].shape[2]
+            self.keys[layer] = F.pad(self.keys[layer], (0, 0, 0, grow))
+            self.values[layer] = F.pad(self.values[layer], (0, 0, 0, grow))
+        index = slots[:, None, :, None].expand_as(keys)
+        self.keys[layer].scatter_(2, index, keys)
+        self.values[layer].scatter_(2, index, values)
+        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
+
+
+@dataclass
+class _Placement:
+    """Where one forward's new tokens go, shared by every layer: each token's position [b, t] (also its cache
+    slot), the slots to attend over, the attention mask [b, 1, t, span] and the RoPE tables [b, 1, t, d]."""
+
+    positions: torch.Tensor
+    span: int
+    mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class _Layer:
@@ -132,43 +187,55 @@ class MTPDecoder:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        angles = torch.outer(positions.to(torch.float64) / self.position_scale, self.inv_freq)
-        cos, sin = (torch.cat([f, f], dim=-1).to(x.dtype) for f in (angles.cos(), angles.sin()))
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [b, 1, t, d] for the positions [b, t] (angles in fp64, as megatron-core's)."""
+        angles = (positions.to(torch.float64) / self.position_scale)[..., None] * self.inv_freq
+        return tuple(torch.cat([f, f], dim=-1).to(self.dtype)[:, None] for f in (angles.cos(), angles.sin()))
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _layer(self, layer: _Layer, x: torch.Tensor, index: int, cache: KVCache, start: int) -> torch.Tensor:
+    def _layer(self, layer: _Layer, x: torch.Tensor, index: int, cache: KVCache, place: _Placement) -> torch.Tensor:
         b, t, _ = x.shape
         h = self._norm(x, layer.norm1)
-        positions = torch.arange(start, start + t, device=x.device)
         q = F.linear(h, layer.q, layer.q_bias).view(b, t, self.heads_q, self.head_dim).transpose(1, 2)
         k = F.linear(h, layer.k, layer.k_bias).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2)
         v = F.linear(h, layer.v, layer.v_bias).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2)
-        q, k = self._rope(q, positions), self._rope(k, positions)
-        if index < len(cache.keys):
-            k, v = torch.cat([cache.keys[index], k], dim=2), torch.cat([cache.values[index], v], dim=2)
-            cache.keys[index], cache.values[index] = k, v
-        else:
-            cache.keys.append(k)
-            cache.values.append(v)
+        q, k = self._rope(q, place.cos, place.sin), self._rope(k, place.cos, place.sin)
+        k, v = cache.store(index, k, v, place.positions, place.span)
         repeat = self.heads_q // self.heads_kv
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        # Query i (absolute position start+i) sees keys 0 .. start+i.
-        mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=place.mask)
         x = x + F.linear(attn.transpose(1, 2).reshape(b, t, -1), layer.o, layer.o_bias)
         h = self._norm(x, layer.norm2)
         mlp = F.silu(F.linear(h, layer.gate, layer.gate_bias)) * F.linear(h, layer.up, layer.up_bias)
         return x + F.linear(mlp, layer.down, layer.down_bias)
 
+    def _place(self, tokens: torch.Tensor, cache: KVCache) -> _Placement:
+        """Row r's new tokens take positions ``cache.lengths[r]`` on."""
+        b, t = tokens.shape
+        if not cache.lengths:
+            cache.lengths = [0] * b
+        if len(cache.lengths) != b:
+            raise ValueError(f"{b} rows of tokens after a cache of {len(cache.lengths)} rows")
+        start = torch.tensor(cache.lengths, device=tokens.device)
+        positions = start[:, None] + torch.arange(t, device=tokens.device)
+        span = cache.length + t
+        # Row r's query i (position start_r + i) sees that row's keys 0 .. start_r + i: never a stale slot after
+        # the row's length, which a longer row's span includes.
+        mask = torch.arange(span, device=tokens.device) <= positions[:, :, None]
+        return _Placement(positions, span, mask[:, None], *self._rope_tables(positions))
+
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        start = cache.length
+        place = self._place(tokens, cache)
         x = self.embedding[tokens]
         for i, layer in enumerate(self.trunk):
-            x = self._layer(layer, x, i, cache, start)
-        logits = [self._norm(self._layer(layer, x, len(self.trunk) + k, cache, start), self.final_norm) @ self.output.T
+            x = self._layer(layer, x, i, cache, place)
+        logits = [self._norm(self._layer(layer, x, len(self.trunk) + k, cache, place), self.final_norm) @ self.output.T
                   for k, layer in enumerate(self.heads)]
+        cache.lengths = [length + tokens.shape[1] for length in cache.lengths]
         return torch.stack(logits)

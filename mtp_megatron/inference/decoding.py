@@ -5,8 +5,13 @@ draft the n-1 after it. The next forward runs that block of n tokens at once; he
 position is what plain greedy decoding would produce there, so the drafts are accepted up to the first one that
 differs, and head 1's prediction after the last accepted token comes with it: 1 to n tokens per forward, the
 same tokens as plain greedy. The cache is cropped back to the accepted positions, and the heads' outputs at the
-last accepted position draft the next block. With a batch, all rows accept the smallest count among them, so
-their caches stay the same length (each row's output is still exactly its greedy output).
+last accepted position draft the next block.
+
+With a batch, each row accepts its own count: the cache holds a length per row (mtp_megatron/inference/decoder.py
+``KVCache``), so a row takes as many tokens per forward as it would alone, and it leaves the batch as soon as it
+has its tokens (the rest run on without it). Prompts of different lengths come right-padded, with
+``prompt_lengths``. Each row's output is its greedy output; in fp32 the batch's matrix shapes differ from a lone
+row's, so a near-tie may round to another argmax (as it may for plain greedy at another batch size).
 """
 
 from __future__ import annotations
@@ -24,14 +29,19 @@ class DecodeStats:
     tokens: int = 0
     """New tokens per row."""
     forwards: int = 0
-    """Forward passes, the prompt's included (it yields the first token)."""
+    """Forward passes of the batch, the prompt's included (it yields the first token)."""
+    row_forwards: list = field(default_factory=list)
+    """Per row: the forward passes it took part in until it had its tokens."""
     seconds: float = 0.0
     accepted: list = field(default_factory=list)
-    """Per draft position (heads 2..n): how often its draft was accepted, and how often it was tried."""
+    """Per draft position (heads 2..n): how often its draft was accepted, and how often it was tried, summed over
+    rows. A draft is tried when every earlier draft of its block was accepted."""
 
     @property
     def tokens_per_forward(self) -> float:
-        return self.tokens / max(self.forwards, 1)
+        """New tokens per forward a row took part in, over all rows (at batch 1: tokens / forwards)."""
+        row_forwards = self.row_forwards or [self.forwards]
+        return self.tokens * len(row_forwards) / max(sum(row_forwards), 1)
 
     def acceptance(self) -> list[float]:
         return [hit / max(tried, 1) for hit, tried in self.accepted]
@@ -45,39 +55,114 @@ def _elapsed(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def greedy(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, DecodeStats]:
-    """[b, max_new_tokens] next-token greedy continuation of ``prompt`` [b, p], one token per forward."""
-    start, cache, stats = time.perf_counter(), KVCache(), DecodeStats(forwards=1)
+def _prompt_lengths(prompt: torch.Tensor, prompt_lengths) -> list[int]:
+    """Each row's prompt length: the whole width of ``prompt`` [b, p], or ``prompt_lengths`` (rows right-padded)."""
+    b, p = prompt.shape
+    if prompt_lengths is None:
+        return [p] * b
+    lengths = [int(length) for length in prompt_lengths]
+    if len(lengths) != b or not all(1 <= length <= p for length in lengths):
+        raise ValueError(f"prompt_lengths {lengths}: give one per prompt row ({b}), each from 1 to the padded "
+                         f"prompt's width {p}")
+    return lengths
+
+
+def _prefill(decoder: MTPDecoder, prompt: torch.Tensor, lengths: list[int], slots: int):
+    """Run the prompts; return every head's logits at each row's last prompt position [n, b, V] and the cache (of
+    ``slots`` positions per row, as many as the decoding will fill)."""
+    cache = KVCache(reserved=slots)
     logits = decoder.forward(prompt, cache)
-    out = [logits[0, :, -1].argmax(-1)]
+    cache.crop(lengths)  # a shorter prompt's padding is stale
+    rows = torch.arange(prompt.shape[0], device=prompt.device)
+    return logits[:, rows, torch.tensor(lengths, device=prompt.device) - 1], cache
+
+
+def greedy(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int,
+           prompt_lengths=None) -> tuple[torch.Tensor, DecodeStats]:
+    """[b, max_new_tokens] next-token greedy continuation of ``prompt`` [b, p], one token per forward."""
+    start = time.perf_counter()
+    lengths = _prompt_lengths(prompt, prompt_lengths)
+    logits, cache = _prefill(decoder, prompt, lengths, prompt.shape[1] + max_new_tokens - 1)
+    out = [logits[0].argmax(-1)]
     while len(out) < max_new_tokens:
-        logits = decoder.forward(out[-1][:, None], cache)
-        out.append(logits[0, :, -1].argmax(-1))
-        stats.forwards += 1
-    stats.tokens, stats.seconds = len(out), _elapsed(start, prompt.device)
+        out.append(decoder.forward(out[-1][:, None], cache)[0, :, -1].argmax(-1))
+    forwards = len(out)
+    stats = DecodeStats(tokens=len(out), forwards=forwards, row_forwards=[forwards] * prompt.shape[0],
+                        seconds=_elapsed(start, prompt.device))
     return torch.stack(out, dim=1), stats
 
 
-def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, DecodeStats]:
-    """The same continuation as ``greedy``, drafting n-1 tokens per forward with heads 2..n."""
-    n = decoder.n_heads
-    start, cache = time.perf_counter(), KVCache()
-    stats = DecodeStats(forwards=1, accepted=[[0, 0] for _ in range(n - 1)])
-    logits = decoder.forward(prompt, cache)[:, :, -1]  # [n, b, V] at the last prompt position
-    out = [logits[0].argmax(-1)]
-    drafts = logits[1:].argmax(-1)  # [n-1, b]
-    while len(out) < max_new_tokens:
-        block = torch.cat([out[-1][:, None], drafts.T], dim=1)  # [b, n]: the certain token, then the drafts
-        block_logits = decoder.forward(block, cache)  # [n heads, b, n positions, V]
-        stats.forwards += 1
-        greedy_next = block_logits[0].argmax(-1)  # [b, n]: plain greedy's token after block[:, :j+1]
-        matches = (block[:, 1:] == greedy_next[:, :-1]).long().cumprod(dim=1)  # [b, n-1]
-        accepted = int(matches.sum(dim=1).min())  # drafts every row accepts
-        for j in range(n - 1):
-            stats.accepted[j][1] += 1 if j <= accepted else 0
-            stats.accepted[j][0] += 1 if j < accepted else 0
-        out += [block[:, j] for j in range(1, accepted + 1)] + [greedy_next[:, accepted]]
-        cache.crop(cache.length - (n - 1 - accepted))  # keep block positions 0..accepted
-        drafts = block_logits[1:, :, accepted].argmax(-1)
-    stats.tokens, stats.seconds = max_new_tokens, _elapsed(start, prompt.device)
-    return torch.stack(out[:max_new_tokens], dim=1), stats
+@dataclass
+class _Active:
+    """The rows still decoding, in the cache's order."""
+
+    rows: list
+    """Their indices in the batch."""
+    row_index: torch.Tensor
+    """The same on the device."""
+    produced: list
+    """How many new tokens each has."""
+    token: torch.Tensor
+    """[a] each one's last token, not yet in the cache: the next block starts with it."""
+    drafts: torch.Tensor
+    """[a, n-1] heads 2..n's drafts of the tokens after it."""
+
+    def keep(self, indices: list[int], cache: KVCache) -> None:
+        """Keep only the rows at ``indices`` (of the active ones), here and in the cache."""
+        index = torch.tensor(indices, dtype=torch.long, device=self.token.device)
+        self.row_index, self.token, self.drafts = self.row_index[index], self.token[index], self.drafts[index]
+        self.rows, self.produced = [self.rows[i] for i in indices], [self.produced[i] for i in indices]
+        cache.keep_rows(indices)
+
+
+def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int,
+                prompt_lengths=None) -> tuple[torch.Tensor, DecodeStats]:
+    """The same continuation as ``greedy``, drafting n-1 tokens per forward with heads 2..n; each row accepts its
+    own drafts and leaves the batch once it has ``max_new_tokens``."""
+    n, b, device = decoder.n_heads, prompt.shape[0], prompt.device
+    start = time.perf_counter()
+    lengths = _prompt_lengths(prompt, prompt_lengths)
+    # A row's last forward starts after its prompt and all but one of at most max_new_tokens - 1 tokens.
+    logits, cache = _prefill(decoder, prompt, lengths, prompt.shape[1] + max_new_tokens + n - 2)
+    # Each forward writes a row's whole block of head-1 tokens after what it has; only the accepted ones stay.
+    out = torch.zeros(b, max_new_tokens + n - 1, dtype=torch.long, device=device)
+    out[:, 0] = logits[0].argmax(-1)
+    active = _Active(list(range(b)), torch.arange(b, device=device), [1] * b, out[:, 0].clone(),
+                     logits[1:].argmax(-1).T)
+    row_forwards, forwards = [1] * b, 1
+    tried = torch.zeros(n - 1, dtype=torch.long, device=device)
+    hits = torch.zeros(n - 1, dtype=torch.long, device=device)
+    draft_position = torch.arange(n - 1, device=device)
+    block_position = torch.arange(n, device=device)
+    _drop_finished(active, cache, max_new_tokens)
+    while active.produced:
+        block = torch.cat([active.token[:, None], active.drafts], dim=1)  # [a, n]: the certain token, the drafts
+        block_logits = decoder.forward(block, cache)  # [n heads, a, n positions, V]
+        forwards += 1
+        greedy_next = block_logits[0].argmax(-1)  # [a, n]: plain greedy's token after block[:, :j+1]
+        accepted = (block[:, 1:] == greedy_next[:, :-1]).long().cumprod(dim=1).sum(dim=1)  # [a]
+        # The accepted drafts are greedy's tokens, so the row's new tokens are greedy_next[:, :accepted + 1].
+        slots = torch.tensor(active.produced, device=device)[:, None] + block_position
+        out[active.row_index[:, None], slots] = greedy_next
+        tried += (accepted[:, None] >= draft_position).sum(dim=0)
+        hits += (accepted[:, None] > draft_position).sum(dim=0)
+        rows = torch.arange(len(active.produced), device=device)
+        active.token = greedy_next[rows, accepted]
+        active.drafts = block_logits[1:, rows, accepted].argmax(-1).T
+        counts = accepted.tolist()  # the one wait per forward: the host places the next block
+        cache.crop([length - (n - 1 - count) for length, count in zip(cache.lengths, counts)])
+        active.produced = [produced + count + 1 for produced, count in zip(active.produced, counts)]
+        for row in active.rows:
+            row_forwards[row] += 1
+        _drop_finished(active, cache, max_new_tokens)
+    stats = DecodeStats(tokens=max_new_tokens, forwards=forwards, row_forwards=row_forwards,
+                        accepted=[list(pair) for pair in zip(hits.tolist(), tried.tolist())],
+                        seconds=_elapsed(start, device))
+    return out[:, :max_new_tokens], stats
+
+
+def _drop_finished(active: _Active, cache: KVCache, max_new_tokens: int) -> None:
+    """Rows with all their tokens leave the batch, so that the others' forwards do not carry them."""
+    unfinished = [i for i, produced in enumerate(active.produced) if produced < max_new_tokens]
+    if len(unfinished) < len(active.produced):
+        active.keep(unfinished, cache)

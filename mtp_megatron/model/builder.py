@@ -13,6 +13,7 @@ from megatron.core.utils import scaled_init_method_normal
 
 from mtp_megatron.config import Config
 from mtp_megatron.distributed.parallel import ParallelEnv
+from mtp_megatron.distributed.pipeline_split import megatron_split_arguments
 from mtp_megatron.model.gpt import MTPGPTModel
 from mtp_megatron.model.specs import layer_and_norm_specs
 
@@ -51,6 +52,8 @@ def transformer_config(cfg: Config, device: torch.device) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=cfg.parallel.tp,
         pipeline_model_parallel_size=cfg.parallel.pp,
+        # parallel.layers_per_stage: an uneven split as megatron-core's first/last stage counts (none if even).
+        **megatron_split_arguments(cfg),
         sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=_DTYPES[precision],
         pipeline_dtype=_DTYPES[precision],
@@ -112,6 +115,7 @@ def construct_model(cfg: Config, config: TransformerConfig, groups, first_stage:
         max_sequence_length=cfg.model.seq_length,
         n_heads=cfg.mtp.n_heads,
         sequential_backward=cfg.mtp.sequential_backward,
+        loss_chunk_size=cfg.mtp.loss_chunk_size,
         pre_process=first_stage,
         post_process=last_stage,
         position_embedding_type=cfg.model.position_embedding,

@@ -47,6 +47,7 @@ class MTPGPTModel(GPTModel):
         document_eod: Optional[int] = None,
         init_seed: Optional[int] = None,
         pg_collection=None,
+        loss_chunk_size: int = 0,
     ):
         # The embedding (first stage) initialises from a stream of its own; each layer seeds itself (specs.py).
         with seeded_init(init_seed, "embedding") if init_seed is not None else contextlib.nullcontext():
@@ -81,6 +82,7 @@ class MTPGPTModel(GPTModel):
                 sequential_backward=sequential_backward,
                 init_seed=init_seed,
                 pg_collection=self.pg_collection,
+                loss_chunk_size=loss_chunk_size,
             )
 
     def forward(

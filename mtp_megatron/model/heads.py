@@ -25,6 +25,16 @@ Two orders compute the same gradients:
   fire during backward as the schedules expect. Its one caveat: the loss *values* are only known after
   backward, so they are written into a statistics tensor that the loss function hands to the schedule.
 
+Chunked cross-entropy (``loss_chunk_size``, config/schema.py ``MTPConfig``): a head's layer runs once over the whole
+sequence (its attention needs every position), but its norm, unembedding and cross-entropy run over chunks of
+``loss_chunk_size`` positions. In the sequential backward each chunk's logits are formed, scored and backpropagated
+into that chunk's slice of dL/d(head layer output) and freed before the next chunk; one backward through the head
+layer follows. So the peak is one chunk's logits (b x chunk x V/tp fp32), not the microbatch's. Evaluation (no
+grad) scores chunk by chunk too. The naive order builds every chunk's graph for its one backward, so it holds
+all of them and gains nothing from chunking (its numbers are the same). Under sequence parallelism each TP rank
+takes ``loss_chunk_size / tp`` positions of its own slice per chunk; the unembedding's all-gather joins the ranks'
+slices into one chunk of ``loss_chunk_size`` positions, whose labels are picked from the same places.
+
 Per-head statistics are a float64 tensor of shape [n, 3]: (sum of token losses, correct top-1 predictions,
 number of target tokens), so they can be summed over microbatches and data-parallel ranks and then divided.
 """
@@ -79,10 +89,12 @@ class MTPHeads(MegatronModule):
         sequential_backward: bool,
         pg_collection,
         init_seed: Optional[int] = None,
+        loss_chunk_size: int = 0,
     ):
         super().__init__(config=config)
         self.n_heads = n_heads
         self.sequential_backward = sequential_backward
+        self.loss_chunk_size = loss_chunk_size
         self.tp_group = pg_collection.tp
         # TransformerLayer adds the pipeline offset to layer_number itself; the heads are numbered after the
         # whole trunk so that no head shares a trunk layer's number (inference KV-cache keys use it).
@@ -113,8 +125,9 @@ class MTPHeads(MegatronModule):
 
     # ---------------------------------------------------------------- one head
 
-    def logits(self, head: int, hidden: Tensor, inputs: HeadInputs) -> Tensor:
-        """Vocab-parallel logits [s, b, V/tp] of head ``head`` (0-based) for trunk output ``hidden``."""
+    def layer_output(self, head: int, hidden: Tensor, inputs: HeadInputs) -> Tensor:
+        """Head ``head``'s (0-based) transformer layer over the whole trunk output ``hidden`` ([s, b, h]; s/tp under
+        sequence parallelism)."""
         # Under sequence parallelism each TP rank holds its own slice of the sequence, so dropout must draw from
         # the rank's own stream, as TransformerBlock arranges for the trunk's layers (the heads run outside it).
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
@@ -122,26 +135,93 @@ class MTPHeads(MegatronModule):
             out, _ = self.layers[head](
                 hidden, attention_mask=inputs.attention_mask, rotary_pos_emb=inputs.rotary_pos_emb
             )
+        return out
+
+    def unembed(self, out: Tensor) -> Tensor:
+        """The shared final norm and vocab-parallel unembedding: logits [s, b, V/tp] (s gathered under sequence
+        parallelism)."""
         logits, _ = self.output_layer(self.final_norm(out))
         return logits
 
+    def logits(self, head: int, hidden: Tensor, inputs: HeadInputs) -> Tensor:
+        """Vocab-parallel logits [s, b, V/tp] of head ``head`` (0-based) for trunk output ``hidden``, unchunked."""
+        return self.unembed(self.layer_output(head, hidden, inputs))
+
     def head_loss(self, head: int, hidden: Tensor, inputs: HeadInputs) -> tuple[Tensor, Tensor]:
-        """One head's loss (its share of the objective, see the module docstring) and its [3] statistics row."""
-        logits = self.logits(head, hidden, inputs)
-        labels = inputs.labels[head].transpose(0, 1).contiguous()  # [s, b], as logits
-        mask = inputs.loss_masks[head].transpose(0, 1).float()
-        correct = self._top1_correct(logits.detach(), labels)
-        # vocab_parallel_cross_entropy overwrites fp32 logits in place: accuracy is read first.
-        token_loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+        """One head's loss (its share of the objective, see the module docstring) and its [3] statistics row, the
+        logits formed chunk by chunk; the graph of every chunk is kept (naive order) unless grad is off."""
+        out = self.layer_output(head, hidden, inputs)
+        targets = _HeadTargets.of(inputs, head, self._sequence_shards())
+        loss_sum, stats = out.new_zeros((), dtype=torch.float32), targets.empty_stats()
+        for chunk in self._chunks(out.size(0)):
+            chunk_loss_sum, correct = self._chunk_loss_sum(out[chunk], targets, chunk)
+            loss_sum = loss_sum + chunk_loss_sum
+            stats += _stats_row(chunk_loss_sum, correct)
+        return _weigh(loss_sum, head, inputs, targets), stats
+
+    def head_backward(self, head: int, hidden: Tensor, inputs: HeadInputs, grad_scale: Tensor,
+                      last_head: bool) -> Tensor:
+        """The sequential order's work for one head: its loss's gradients (times ``grad_scale``) into its layer,
+        the shared norm and unembedding and ``hidden.grad``, one chunk's logits alive at a time. Returns the
+        head's [3] statistics row."""
+        out = self.layer_output(head, hidden, inputs)
+        targets = _HeadTargets.of(inputs, head, self._sequence_shards())
+        stats = targets.empty_stats()
+        out_grad = torch.empty_like(out)
+        chunks = list(self._chunks(out.size(0)))
+        for k, chunk in enumerate(chunks):
+            # The shared norm and unembedding receive one gradient per chunk of every head. DeepSpeed ZeRO reduces
+            # a gradient as soon as it arrives unless told to wait (its flag for such loops; nothing else reads
+            # it): reduce theirs once, after the last chunk of the last head.
+            self._mark_shared_grads_ready(last_head and k == len(chunks) - 1)
+            # A leaf per chunk: its backward stops here and leaves dL/d(this slice of the layer output).
+            piece = out[chunk].detach().requires_grad_()
+            chunk_loss_sum, correct = self._chunk_loss_sum(piece, targets, chunk)
+            stats += _stats_row(chunk_loss_sum, correct)
+            # The placeholder stands for the sum of head losses, so every chunk of every head gets its scale.
+            torch.autograd.backward(_weigh(chunk_loss_sum, head, inputs, targets), grad_scale)
+            del chunk_loss_sum  # the chunk's graph, logits included, is freed before the next chunk
+            out_grad[chunk] = piece.grad
+        torch.autograd.backward(out, out_grad)  # through the head layer into its weights and hidden.grad
+        return stats
+
+    def _chunk_loss_sum(self, out: Tensor, targets: "_HeadTargets", chunk: slice) -> tuple[Tensor, Tensor]:
+        """(sum of the masked token losses, fp32 with its graph; number of correct top-1 targets) of one chunk
+        of the head layer's output."""
+        logits = self.unembed(out)
+        labels, mask = targets.chunk(chunk)
+        correct = (self._top1_correct(logits.detach(), labels) * mask).sum()
+        # The cross-entropy runs in fp32 (bf16 logits are converted) and overwrites fp32 logits in place:
+        # accuracy is read first.
+        token_loss = self._cross_entropy(logits.float(), labels)
         del logits
-        num_tokens = mask.sum()
-        loss_sum = (token_loss * mask).sum()
-        if inputs.weights is not None:
-            loss = loss_sum * inputs.weights[head]
-        else:
-            loss = loss_sum / num_tokens.clamp(min=1)
-        stats = torch.stack([loss_sum.detach(), (correct * mask).sum(), num_tokens]).double()
-        return loss, stats
+        return (token_loss * mask).sum(), correct
+
+    def _cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-token vocab-parallel cross-entropy [s, b]; megatron-core's fused form when the TransformerConfig
+        asks for it (``cross_entropy_loss_fusion`` with the native implementation: compiled by megatron's
+        ``jit_fuser``, i.e. torch.compile, so meant for CUDA runs; nothing in this project turns it on on CPU)."""
+        if self.config.cross_entropy_loss_fusion and self.config.cross_entropy_fusion_impl == "native":
+            from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+            return fused_vocab_parallel_cross_entropy(logits, labels, self.tp_group)
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+    def _chunks(self, length: int):
+        """Slices of ``length`` positions (this rank's, under sequence parallelism) of ``loss_chunk_size``
+        positions in all (the last may be shorter); one slice when chunking is off."""
+        step = self.loss_chunk_size // self._sequence_shards() if self.loss_chunk_size else length
+        for start in range(0, length, step):
+            yield slice(start, min(start + step, length))
+
+    def _sequence_shards(self) -> int:
+        """Over how many ranks the head layer's output is split along the sequence (TP under sequence
+        parallelism, else 1); the unembedding gathers them."""
+        return torch.distributed.get_world_size(self.tp_group) if self.config.sequence_parallel else 1
+
+    def _mark_shared_grads_ready(self, ready: bool) -> None:
+        for param in (*self.final_norm.parameters(), *self.output_layer.parameters()):
+            param.ds_grad_is_ready = ready
 
     @torch.no_grad()
     def _top1_correct(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -205,20 +285,58 @@ class _SequentialHeadsLoss(torch.autograd.Function):
         hidden = hidden.detach().requires_grad_()
         # dL/dz summed over heads in fp32 (in bf16 each head's addition would round).
         grad_sum = torch.zeros_like(hidden, dtype=torch.float32)
-        shared = [*ctx.heads.final_norm.parameters(), *ctx.heads.output_layer.parameters()]
+        heads = ctx.heads
         with torch.enable_grad():
-            for head in range(ctx.heads.n_heads):
-                # The shared norm and unembedding receive one gradient per head. DeepSpeed ZeRO reduces a
-                # gradient as soon as it arrives unless told to wait (its flag for such loops; nothing else reads
-                # it): reduce theirs once, after the last head.
-                for param in shared:
-                    param.ds_grad_is_ready = head == ctx.heads.n_heads - 1
-                loss, ctx.stats[head] = ctx.heads.head_loss(head, hidden, ctx.inputs)
-                # grad_output is the schedule's scale for the placeholder (1/num_microbatches x loss scale);
-                # the placeholder stands for the sum of head losses, so each head gets the same scale.
-                torch.autograd.backward(loss, grad_output)
-                del loss  # the head's graph, logits included, is freed before the next head runs
+            for head in range(heads.n_heads):
+                # grad_output is the schedule's scale for the placeholder (1/num_microbatches x loss scale).
+                ctx.stats[head] = heads.head_backward(head, hidden, ctx.inputs, grad_output,
+                                                      last_head=head == heads.n_heads - 1)
                 grad_sum += hidden.grad
                 hidden.grad = None
         ctx.heads = ctx.inputs = None
         return grad_sum.to(hidden.dtype), None, None, None
+
+
+@dataclass
+class _HeadTargets:
+    """One head's labels and loss mask laid out as its logits are ([s, b]), and its target count."""
+
+    labels: Tensor
+    mask: Tensor
+    num_tokens: Tensor
+    shards: int
+    """Sequence-parallel ranks whose slices the unembedding gathers into one chunk (1 without sequence
+    parallelism)."""
+
+    @classmethod
+    def of(cls, inputs: HeadInputs, head: int, shards: int) -> "_HeadTargets":
+        labels = inputs.labels[head].transpose(0, 1).contiguous()
+        mask = inputs.loss_masks[head].transpose(0, 1).float()
+        return cls(labels, mask, mask.sum(), shards)
+
+    def chunk(self, local: slice) -> tuple[Tensor, Tensor]:
+        """Labels and mask of the positions whose logits a chunk of this rank's ``local`` positions gives: those
+        positions of every rank's slice of the sequence, in rank order (the all-gather's order)."""
+        if self.shards == 1:
+            return self.labels[local], self.mask[local]
+        pick = lambda t: t.view(self.shards, -1, t.size(-1))[:, local].flatten(0, 1)  # noqa: E731
+        return pick(self.labels), pick(self.mask)
+
+    def empty_stats(self) -> Tensor:
+        """A [3] statistics row with the head's target count filled in."""
+        stats = torch.zeros(3, dtype=torch.float64, device=self.mask.device)
+        stats[STAT_TOKENS] = self.num_tokens.double()
+        return stats
+
+
+def _weigh(loss_sum: Tensor, head: int, inputs: HeadInputs, targets: _HeadTargets) -> Tensor:
+    """A head's (or one chunk's) share of the objective from its sum of token losses (see the module docstring):
+    times the head's weight, or over the head's target count in this microbatch without weights."""
+    if inputs.weights is not None:
+        return loss_sum * inputs.weights[head]
+    return loss_sum / targets.num_tokens.clamp(min=1)
+
+
+def _stats_row(loss_sum: Tensor, correct: Tensor) -> Tensor:
+    """[loss sum, correct, 0] in float64, to add to a head's statistics row."""
+    return torch.stack([loss_sum.detach().double(), correct.double(), correct.new_zeros((), dtype=torch.float64)])

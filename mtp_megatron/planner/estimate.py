@@ -47,6 +47,11 @@ head's at a time, naive backward all n heads'.
 Throughput: FLOPs per token = ``6 N + 12 L h s`` (N = parameters of the whole model, L = trunk + head layers,
 the attention score and value products); step time = FLOPs per token x tokens per step / (GPUs x peak x MFU).
 MFU counts model FLOPs only, so recomputation shows up as a lower achievable MFU, not as more FLOPs here.
+
+Pipeline balance: each stage's training FLOPs per token (mtp_megatron/distributed/pipeline_split.py: its trunk
+layers; the embedding on the first stage; the n head layers, n passes through the unembedding and n
+cross-entropies on the last; recomputation included), and slowest stage / mean stage. Every stage runs every
+microbatch, so the slowest one paces the step: the balanced step time above, times the balance.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from mtp_megatron.config import Config, ConfigError
+from mtp_megatron.distributed.pipeline_split import layers_per_stage, pipeline_balance, stage_flops
 from mtp_megatron.distributed.topology import validate_for_world
 from mtp_megatron.planner.stages import StageParams, stage_params, total_params
 
@@ -109,6 +115,8 @@ class Layout:
     attention_heads: int
     padded_vocab: int
     trunk_layers: int
+    loss_chunk: int = 0
+    """``mtp.loss_chunk_size``: sequence positions whose logits a head forms at once (0: the whole sequence)."""
 
     @classmethod
     def of(cls, cfg: Config, world_size: int) -> "Layout":
@@ -123,7 +131,7 @@ class Layout:
             n_heads=cfg.mtp.n_heads, sequential_backward=cfg.mtp.sequential_backward,
             seq_length=cfg.model.seq_length, hidden=cfg.model.hidden_size,
             attention_heads=cfg.model.num_attention_heads, padded_vocab=cfg.model.padded_vocab_size(dims.tp),
-            trunk_layers=cfg.trunk_num_layers(),
+            trunk_layers=cfg.trunk_num_layers(), loss_chunk=cfg.mtp.loss_chunk_size,
         )
 
     @property
@@ -216,12 +224,25 @@ def activations_bytes(st: StageParams, lay: Layout, sequential: bool) -> float:
 
 
 def logits_bytes(st: StageParams, lay: Layout, sequential: bool) -> float:
-    """``s b V/t (w + 4)`` per head (``4`` alone in fp32); one head (sequential) or all n (naive)."""
+    """``c b V/t (w + 4)`` per head (``4`` alone in fp32), ``c`` the positions formed at once (the sequence, or
+    ``mtp.loss_chunk_size`` in the sequential order); one head (sequential) or all n (naive, whose one backward
+    keeps every chunk's graph)."""
     if not st.head_layers:
         return 0.0
     per_element = lay.weight_bytes + (4 if lay.weight_bytes != 4 else 0)
-    one_head = lay.seq_length * lay.micro_batch * (lay.padded_vocab // lay.tp) * per_element
+    positions = min(lay.seq_length, lay.loss_chunk) if sequential and lay.loss_chunk > 0 else lay.seq_length
+    one_head = positions * lay.micro_batch * (lay.padded_vocab // lay.tp) * per_element
     return one_head * (1 if sequential else st.head_layers)
+
+
+def checkpoint_share_bytes(p: int, lay: Layout) -> float:
+    """What one GPU writes into a checkpoint: fp32 weights ``4 P / dp`` (megatron's fully parallel save splits
+    the DP-replicated ones; ZeRO-3 and FSDP2 hold ``1/dp`` already) plus its optimizer state. Each rank writes
+    its own ranges with no gather (engines/distributed_optimizer_checkpoint.py, engines/flat_shards.py), so a
+    save adds no GPU memory beyond one tensor's copy at a time; a synchronous save buffers up to about this much
+    in host memory while writing (bench/checkpoint_io.py measured 0.45-0.63x on CPU), an async save stages all of
+    it in host memory."""
+    return 4 * p / lay.dp + optimizer_bytes(p, lay)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -240,6 +261,8 @@ class StageMemory:
     logits: float
     logits_other: float
     activations_other: float
+    checkpoint_share: float = 0.0
+    """Bytes this GPU writes into a checkpoint (``checkpoint_share_bytes``): the host memory a save buffers."""
 
     @property
     def total(self) -> float:
@@ -267,10 +290,22 @@ class Plan:
     hardware: Hardware
     stages: List[StageMemory]
     throughput: Throughput
+    stage_flops: List[float]
+    """Training FLOPs per token of each pipeline stage (all its TP ranks together; module docstring)."""
 
     @property
     def peak(self) -> StageMemory:
         return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def balance(self) -> float:
+        """Slowest stage / mean stage (1.0: no stage waits for another)."""
+        return pipeline_balance(self.stage_flops)
+
+    @property
+    def paced_step_seconds(self) -> float:
+        """The step time when the slowest stage paces the pipeline: ``throughput.step_seconds x balance``."""
+        return self.throughput.step_seconds * self.balance
 
     @property
     def fits(self) -> bool:
@@ -297,6 +332,7 @@ def estimate(cfg: Config, world_size: int, hardware: Hardware, tokens: Optional[
             logits=logits_bytes(st, lay, seq),
             logits_other=logits_bytes(st, lay, not seq),
             activations_other=activations_bytes(st, lay, not seq),
+            checkpoint_share=checkpoint_share_bytes(st.params, lay),
         ))
     n = total_params(params, lay.tp)
     layers = lay.trunk_layers + lay.n_heads
@@ -308,7 +344,8 @@ def estimate(cfg: Config, world_size: int, hardware: Hardware, tokens: Optional[
         total_params=n, layers=layers, flops_per_token=flops_per_token, tokens_per_step=lay.tokens_per_step,
         tokens=budget, steps=math.ceil(budget / lay.tokens_per_step), step_seconds=step_seconds,
     )
-    return Plan(layout=lay, hardware=hardware, stages=stages, throughput=throughput)
+    return Plan(layout=lay, hardware=hardware, stages=stages, throughput=throughput,
+                stage_flops=stage_flops(cfg, layers_per_stage(cfg)))
 
 
 # ------------------------------------------------------------------------------------------------ suggestions
@@ -350,7 +387,9 @@ def _dimensions(cfg: Config, gpus_per_node: int) -> List[List[Change]]:
     trunk = cfg.trunk_num_layers()
     # A larger TP only within one node: TP's all-reduces run every layer and need NVLink.
     tps = [[("parallel", "tp", t)] for t in range(par.tp + 1, gpus_per_node + 1) if gpus_per_node % t == 0]
-    pps = [[("parallel", "pp", p)] for p in range(par.pp + 1, trunk + 1) if trunk % p == 0]
+    # A configured split (a list, or auto) is for the configured pp: another pp gets the balanced split of its own.
+    resplit = [("parallel", "layers_per_stage", "auto")] if par.layers_per_stage is not None else []
+    pps = [[("parallel", "pp", p), *resplit] for p in range(par.pp + 1, trunk + 1) if trunk % p == 0]
     shardings = []
     for name in ("distributed_optimizer", "zero2", "zero3"):
         if _SHARDING_STRENGTH[name] > _SHARDING_STRENGTH[par.sharding]:

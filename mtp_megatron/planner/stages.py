@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
 
 from mtp_megatron.config import Config
+from mtp_megatron.distributed.pipeline_split import layers_per_stage
 from mtp_megatron.distributed.topology import ParallelDims
 
 if TYPE_CHECKING:
@@ -77,14 +78,16 @@ _CACHE: Dict[Tuple, List[StageParams]] = {}
 
 
 def _cache_key(cfg: Config) -> Tuple:
-    return (dataclasses.astuple(cfg.model), cfg.mtp.n_heads, cfg.mtp.match_params, cfg.parallel.tp, cfg.parallel.pp)
+    return (dataclasses.astuple(cfg.model), cfg.mtp.n_heads, cfg.mtp.match_params, cfg.parallel.tp, cfg.parallel.pp,
+            tuple(layers_per_stage(cfg)))
 
 
 def stage_params(cfg: Config) -> List[StageParams]:
     """Per pipeline stage, what one GPU holds at ``cfg.parallel.tp`` x ``cfg.parallel.pp``.
 
     Builds the first stage, the last stage and (when pp > 2) one middle stage: all middle stages have the same
-    modules, so their counts are the same build's.
+    modules (megatron-core splits them evenly, whatever ``parallel.layers_per_stage`` gives the first and last),
+    so their counts are the same build's.
     """
     key = _cache_key(cfg)
     if key not in _CACHE:

@@ -206,6 +206,27 @@ def test_rank_killed_during_save_leaves_previous_checkpoint_and_resume_matches(t
 
 
 @pytest.mark.distributed
+def test_rank_0_killed_between_the_renames_of_a_commit_loses_no_checkpoint(tmp_path, jobs, reference):
+    """Rank 0 dies committing step 6: every file and the manifest written, ``iter_0000006.tmp`` not yet renamed.
+    The next start commits that complete save (it used to delete it and go back to step 4), resumes at step 6
+    and ends with exactly the uninterrupted run's losses."""
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    job = jobs(_torchrun("tests.faults", _args(run_dir, iters=8, interval=2)), tmp_path, "killed",
+               MTP_FAULT="kill_during_commit=6,rank=0")
+    assert job.wait() != 0, job.tail()
+    assert "[fault] rank 0: SIGKILL while committing step 6" in job.stdout, job.tail()
+    assert (ckpts / "iter_0000006.tmp" / store.MANIFEST).exists() and _latest(run_dir) == "iter_0000004"
+
+    job = jobs(_torchrun("mtp_megatron.train", _args(run_dir, iters=8, interval=2)), tmp_path, "resumed")
+    assert job.wait() == 0, job.tail()
+    assert "its save had finished and its commit was cut short; committed it now" in job.stdout, job.tail()
+    assert f"resumed from {ckpts / 'iter_0000006'} at step 6" in job.stdout, job.tail()
+    assert not (ckpts / "iter_0000006.tmp").exists() and _latest(run_dir) == "iter_0000008"
+    losses, expected = _losses(run_dir), reference(8, 2)
+    assert losses == expected
+
+
+@pytest.mark.distributed
 def test_sigusr1_to_one_worker_stops_all_ranks_and_rerun_finishes_identically(tmp_path, jobs, reference):
     """SIGUSR1 sent to rank 1's worker only (not to torchrun): both ranks stop together at the next step
     boundary, save that step and exit 0 with run_state ``stopped``; the same command again finishes the run with
@@ -279,6 +300,7 @@ def test_fault_specs_parse_strictly(monkeypatch, capsys):
 
     assert faults.parse("kill_rank=1,at_step=5") == {"kill_rank": 1, "at_step": 5}
     assert faults.parse(" kill_during_save=6 , rank=1 ") == {"kill_during_save": 6, "rank": 1}
+    assert faults.parse("kill_during_commit=6,rank=0") == {"kill_during_commit": 6, "rank": 0}
     for bad in ("kill_rank=1", "kill_rank=1,at_step=x", "kill_rank=1,at_stp=5", "kill_during_save=6,rank=1,at_step=2",
                 "kill_rank=1,at_step=5,kill_during_save=6,rank=1", "at_step=5"):
         with pytest.raises(ValueError):

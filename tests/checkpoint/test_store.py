@@ -139,3 +139,42 @@ def test_saving_a_step_again_sets_the_old_folder_aside(tmp_path):
     _fake_save(root, 2)
     kept = [os.path.join(p, n) for p, _, names in os.walk(os.path.join(root, store.SET_ASIDE)) for n in names]
     assert any(path.endswith("iter_0000002/marker") for path in kept)
+
+
+def test_a_resave_cut_short_between_its_renames_is_committed_at_the_next_start(tmp_path):
+    """Re-saving step 2: the old iter_2 was set aside, then the process died before iter_2.tmp (complete, with
+    its manifest) got its name. The next start commits it (it is the newest state, and ``latest`` names it)
+    instead of deleting it, and the old folder stays in set_aside/."""
+    from mtp_megatron.checkpoint.resume_plan import start_plan
+    from mtp_megatron.config.schema import CheckpointConfig
+
+    root = str(tmp_path)
+    _fake_save(root, 1)
+    old = _fake_save(root, 2)
+    new = _fake_save(root, 2, commit=False, files=(("__0_0.distcp", 123), ("common.pt", 10)))
+    store.set_aside(root, [old])  # the first half of commit(), then the crash
+    assert store.read_latest(root) == old and not os.path.exists(old)
+
+    plan = start_plan(CheckpointConfig(), root)
+    assert plan["candidates"][0] == new
+    assert store.read_manifest(new)["files"]["__0_0.distcp"] == {"bytes": 123}
+    assert not os.path.exists(store.temporary_path(new))
+    assert any("committed it now" in note for note in plan["notes"])
+    kept = [os.path.join(p, n) for p, _, names in os.walk(os.path.join(root, store.SET_ASIDE)) for n in names]
+    assert any(path.endswith("iter_0000002/__0_0.distcp") for path in kept)
+
+
+def test_a_save_without_its_manifest_is_still_dropped(tmp_path):
+    """Only a save whose manifest was written (all ranks done) is committed at the next start."""
+    from mtp_megatron.checkpoint.resume_plan import start_plan
+    from mtp_megatron.config.schema import CheckpointConfig
+
+    root = str(tmp_path)
+    _fake_save(root, 1)
+    partial = store.temporary_path(os.path.join(root, store.step_dir_name(2)))
+    os.makedirs(partial)
+    with open(os.path.join(partial, "__0_0.distcp"), "wb") as f:
+        f.write(b"x")
+    with pytest.warns(UserWarning, match="did not finish"):
+        plan = start_plan(CheckpointConfig(), root)
+    assert plan["candidates"] == [os.path.join(root, "iter_0000001")] and not os.path.exists(partial)
