@@ -138,7 +138,7 @@ class MTPConfig:
     """Take the n-1 extra head layers out of the trunk so the parameter count equals the n=1 model's, as in the
     paper's comparisons. False = add them on top."""
 
-    loss_chunk_size: int = 256
+    loss_chunk_size: int = 512
     """Sequence positions whose logits each head forms at once: each head's layer runs over the whole sequence,
     then its final norm, unembedding and fp32 cross-entropy run chunk by chunk, each chunk's backward right after
     its loss in the sequential order (evaluation scores chunk by chunk too), so one chunk's logits (micro batch x
