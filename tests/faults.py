@@ -64,6 +64,8 @@ def _die(what: str) -> None:
 
 def install(fault: dict[str, int]) -> None:
     """Monkeypatch this process for ``fault`` (see ``parse``); nothing on other ranks or in a restarted attempt."""
+    from mtp_megatron.checkpoint import store
+
     if "kill_rank" in fault and fault["kill_rank"] == _rank():
         from mtp_megatron.training.state import TrainState
 
@@ -81,8 +83,6 @@ def install(fault: dict[str, int]) -> None:
         # async saves alike); its first act is a gather of all ranks' write results, so nothing is final yet.
         from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 
-        from mtp_megatron.checkpoint import store
-
         step, finalize = fault["kill_during_save"], torch_strategy.save_state_dict_async_finalize
 
         def die_before_finalize(storage_writer, *args, **kwargs):
@@ -97,8 +97,6 @@ def install(fault: dict[str, int]) -> None:
         torch_strategy.save_state_dict_async_finalize = die_before_finalize
 
     if "kill_during_commit" in fault and fault["rank"] == _rank():
-        from mtp_megatron.checkpoint import store  # noqa: F811 (each fault imports what it patches)
-
         step, rename = fault["kill_during_commit"], store._rename
 
         def die_before_rename(source: str, destination: str) -> None:

@@ -18,7 +18,7 @@ def build_engine(cfg: Config, env: ParallelEnv, module=None) -> Engine:
 
     sharding = cfg.parallel.sharding
     if module is None:
-        from mtp_megatron.engines.fsdp import local_layers  # FSDP2 runs megatron-core's local layers
+        from mtp_megatron.engines.flat_shards import local_layers  # FSDP2 runs megatron-core's local layers
 
         built = local_layers(cfg) if sharding == "fsdp" else cfg
         module = build_model(built, env, document_eod=document_eod(cfg.tokenizer, cfg.data))

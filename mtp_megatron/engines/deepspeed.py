@@ -37,7 +37,7 @@ from mtp_megatron.config import Config, ConfigError
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.engines.base import Engine, EngineStateError, adam_state, storage_bytes
 from mtp_megatron.engines.deepspeed_config import deepspeed_config
-from mtp_megatron.engines.flat_shards import FlatShard, FlatShardCheckpoint, model_on_meta
+from mtp_megatron.engines.flat_shards import FlatShard, ShardedModelState
 from mtp_megatron.engines.optim import build_scheduler, param_groups, torch_adamw
 from mtp_megatron.engines.step import StepResult, forward_step, reduce_head_stats
 
@@ -170,8 +170,7 @@ class DeepSpeedEngine(Engine):
         engine, optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=adamw, config=self.config, mpu=MegatronMPU(env), dist_init_required=False)
         super().__init__(cfg, env, engine, module, optimizer, build_scheduler(cfg, optimizer))
-        self._twin: Optional[torch.nn.Module] = None  # ZeRO-3's checkpoint structure, on the meta device
-        self._loading: Optional[FlatShardCheckpoint] = None  # between a ZeRO-3 load's sharded_state and its end
+        self._model_state = ShardedModelState(cfg, env, module)  # ZeRO-3's checkpoints of its partitions
 
     @property
     def zero3(self) -> bool:
@@ -250,18 +249,14 @@ class DeepSpeedEngine(Engine):
         gathered; the optimizer state is DeepSpeed's own (``save_private``)."""
         if not self.zero3:
             return super().sharded_state(metadata, is_loading, with_optimizer)
-        if self._twin is None:
-            self._twin = model_on_meta(self.cfg, self.env, self.module.document_eod)
-        checkpoint = FlatShardCheckpoint(self._twin, self.module, zero3_shards(self.module))
-        self._loading = checkpoint if is_loading else None
-        return {"model": checkpoint.sharded_state_dict(metadata, is_loading)}
+        return self._model_state.sharded_state(zero3_shards(self.module), metadata, is_loading)
 
     def load_model_state(self, state_dict: dict) -> list[str]:
         """ZeRO-3: into this rank's partitions; the parameters DeepSpeed keeps gathered (its persistent small
         ones) are released, so that the next forward gathers them from the loaded partitions."""
         if not self.zero3:
             return super().load_model_state(state_dict)
-        problems, self._loading = self._loading.load(state_dict), None
+        problems = self._model_state.load(state_dict)
         release_gathered(self.module)
         return problems
 

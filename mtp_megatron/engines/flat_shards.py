@@ -42,6 +42,13 @@ class FlatShard:
     """1-D, without padding; a view into the engine's own storage (a load copies into it)."""
 
 
+def local_layers(cfg: Config) -> Config:
+    """``cfg`` with megatron-core's local layers (FSDP2 trains them; checkpoints are built from them)."""
+    local = copy.deepcopy(cfg)
+    local.model.transformer_impl = "local"
+    return local
+
+
 def model_on_meta(cfg: Config, env: ParallelEnv, document_eod: Optional[int]) -> torch.nn.Module:
     """The bare model's twin on the meta device, with megatron-core's local layers: the checkpoint's structure.
     ``use_cpu_initialization`` (always set by ``transformer_config``) makes megatron create weights with plain
@@ -49,12 +56,35 @@ def model_on_meta(cfg: Config, env: ParallelEnv, document_eod: Optional[int]) ->
     keys (model/specs.py) and would name a device of their own."""
     from mtp_megatron.model.builder import construct_model, transformer_config
 
-    local = copy.deepcopy(cfg)
-    local.model.transformer_impl = "local"
+    local = local_layers(cfg)
     config = transformer_config(local, env.device)
     with torch.device("meta"):
         return construct_model(local, config, env.groups, env.is_first_stage, env.is_last_stage,
                                cuda=env.device.type == "cuda", document_eod=document_eod)
+
+
+class ShardedModelState:
+    """An engine's model part of checkpoints from its parameter shards: the meta-device twin (built at the first
+    checkpoint) and the load in progress between ``sharded_state`` and ``load``."""
+
+    def __init__(self, cfg: Config, env: ParallelEnv, module: torch.nn.Module):
+        self.cfg, self.env, self.module = cfg, env, module
+        self._twin: Optional[torch.nn.Module] = None
+        self._loading: Optional[FlatShardCheckpoint] = None
+
+    def sharded_state(self, shards: dict[str, "FlatShard"], metadata: dict, is_loading: bool) -> dict:
+        """``{"model": ...}`` from this rank's ``shards`` (by parameter name)."""
+        if self._twin is None:
+            self._twin = model_on_meta(self.cfg, self.env, self.module.document_eod)
+        checkpoint = FlatShardCheckpoint(self._twin, self.module, shards)
+        self._loading = checkpoint if is_loading else None
+        return {"model": checkpoint.sharded_state_dict(metadata, is_loading)}
+
+    def load(self, state_dict: dict) -> list[str]:
+        """What the load read into the shards of the last ``sharded_state(is_loading=True)``; keys that did not
+        fit."""
+        problems, self._loading = self._loading.load(state_dict), None
+        return problems
 
 
 def parameter_names(twin: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -33,7 +33,6 @@ local layers; ``transformer_engine`` is refused when the config is loaded).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from typing import Optional
@@ -52,7 +51,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from mtp_megatron.config import Config
 from mtp_megatron.distributed.parallel import ParallelEnv
 from mtp_megatron.engines.base import Engine, EngineStateError, adam_state, storage_bytes
-from mtp_megatron.engines.flat_shards import FlatShard, FlatShardCheckpoint, model_on_meta
+from mtp_megatron.engines.flat_shards import FlatShard, ShardedModelState
 from mtp_megatron.engines.optim import build_scheduler, param_groups, torch_adamw
 from mtp_megatron.engines.step import run_forward_backward
 
@@ -79,8 +78,7 @@ class FSDP2Engine(Engine):
                 setattr(param, key, value)
         optimizer = torch_adamw(cfg, param_groups(cfg, module))
         super().__init__(cfg, env, module, module, optimizer, build_scheduler(cfg, optimizer))
-        self._twin: Optional[torch.nn.Module] = None  # the checkpoint's structure, on the meta device
-        self._loading: Optional[FlatShardCheckpoint] = None  # between a load's sharded_state and its end
+        self._model_state = ShardedModelState(cfg, env, module)  # checkpoints of its DP shards
 
     # -- steps
 
@@ -113,16 +111,11 @@ class FSDP2Engine(Engine):
     def sharded_state(self, metadata: dict, is_loading: bool, with_optimizer: bool) -> dict:
         """The model from each rank's DP shard of every parameter (engines/flat_shards.py), nothing gathered; the
         optimizer state is written beside it (``save_private``)."""
-        if self._twin is None:
-            self._twin = model_on_meta(self.cfg, self.env, self.module.document_eod)
-        checkpoint = FlatShardCheckpoint(self._twin, self.module, row_block_shards(self.module))
-        self._loading = checkpoint if is_loading else None
-        return {"model": checkpoint.sharded_state_dict(metadata, is_loading)}
+        return self._model_state.sharded_state(row_block_shards(self.module), metadata, is_loading)
 
     def load_model_state(self, state_dict: dict) -> list[str]:
         """Into this rank's shards, from which FSDP2 all-gathers each unit's weights at its next forward."""
-        problems, self._loading = self._loading.load(state_dict), None
-        return problems
+        return self._model_state.load(state_dict)
 
     def _optimizer_folder(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, self.private_folder, f"tp_rank_{self.env.tp_rank:02d}")
@@ -156,13 +149,6 @@ class FSDP2Engine(Engine):
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def local_layers(cfg: Config) -> Config:
-    """``cfg`` with megatron-core's local layers (the module docstring says why)."""
-    local = copy.deepcopy(cfg)
-    local.model.transformer_impl = "local"
-    return local
 
 
 def row_block_shards(module) -> dict[str, FlatShard]:

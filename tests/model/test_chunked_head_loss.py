@@ -19,16 +19,13 @@ import os
 import pytest
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import unwrap_model
 
 from mtp_megatron.config import ConfigError, load_config
-from mtp_megatron.distributed.parallel import init_distributed
-from mtp_megatron.engines.megatron import wrap_model
 from mtp_megatron.engines.step import reduce_head_stats, run_forward_backward
-from mtp_megatron.model.builder import build_model
 from mtp_megatron.testing.batches import random_microbatches
 from mtp_megatron.testing.distributed import run_distributed
+from tests.model.test_sequential_backward import scheduled_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQ = 32
@@ -64,12 +61,7 @@ def run_one(overrides: list[str], chunk: int) -> dict:
     """One fresh model at ``loss_chunk_size=chunk``: its gradients after a second training forward-backward, the
     statistics of that and of a forward-only pass, and the largest logits' positions in each."""
     cfg = load_config(None, [*overrides, f"mtp.loss_chunk_size={chunk}"])
-    env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
-    model = wrap_model(build_model(cfg, env), cfg, env)
-    config = model.config
-    config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = lambda loss: loss * LOSS_SCALE
+    model, env = scheduled_model(cfg, LOSS_SCALE)
     num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     batches = random_microbatches(num_microbatches, cfg.train.micro_batch_size, SEQ, cfg.model.vocab_size,
                                   seed=100 + env.dp_rank)

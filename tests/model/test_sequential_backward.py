@@ -44,6 +44,18 @@ def _case_overrides(tp: int, pp: int, n: int, sharding: str, world: int, extra: 
     ]
 
 
+def scheduled_model(cfg, loss_scale: float):
+    """A fresh model of ``cfg`` under megatron DDP, with the schedule callbacks a training step uses (no
+    optimizer: gradients stay in DDP's buffers) and a fixed loss scale; and its ParallelEnv."""
+    env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
+    model = wrap_model(build_model(cfg, env), cfg, env)
+    config = model.config
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = lambda loss: loss * loss_scale
+    return model, env
+
+
 def _gradients(overrides: list[str], sequential: bool):
     """Build a fresh model (the same seed gives the same weights) and run one forward-backward in one order.
 
@@ -52,12 +64,7 @@ def _gradients(overrides: list[str], sequential: bool):
     and expects the same count afterwards.
     """
     cfg = load_config(None, [*overrides, f"mtp.sequential_backward={str(sequential).lower()}"])
-    env = init_distributed(cfg.parallel, "cpu", cfg.train.seed)
-    model = wrap_model(build_model(cfg, env), cfg, env)
-    config = model.config
-    config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = lambda loss: loss * LOSS_SCALE
+    model, env = scheduled_model(cfg, LOSS_SCALE)
     num_microbatches = env.dims.num_microbatches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     batches = random_microbatches(num_microbatches, cfg.train.micro_batch_size, cfg.model.seq_length,
                                   cfg.model.vocab_size, seed=100 + env.dp_rank)
