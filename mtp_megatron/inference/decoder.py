@@ -9,7 +9,9 @@ inverse frequencies in fp32 from ``model.rotary_base``, megatron's llama3 scalin
 
 ``forward(tokens, cache)`` runs the new tokens [b, t] after what ``cache`` holds and returns every head's logits
 [n, b, t, V]: head 1 is the next token, head i the token i-1 after it. Each head layer keeps its own keys and
-values (it attends over the trunk outputs of all earlier positions), so the cache has trunk + n layers. The
+values (it attends over the trunk outputs of all earlier positions); the head layers run stacked, as one batched
+layer (``_HeadStack``), so the cache has trunk + 1 layers, the last holding the n head layers' keys side by side.
+``forward(..., heads=1)`` runs head 1 alone, as plain next-token decoding does. The
 rows of a batch may hold different lengths (speculative decoding accepts a different count of drafts per row;
 prompts of different lengths): row r's new tokens take positions ``cache.lengths[r]`` on, for RoPE and in the
 cache, and attend to that row's positions only.
@@ -72,6 +74,31 @@ class KVCache:
         self.values = [v.index_select(0, index) for v in self.values]
         self.lengths = [self.lengths[r] for r in rows]
 
+    def take_first(self, count: int) -> "KVCache":
+        """Remove the first ``count`` rows from this cache and return them as a cache of their own."""
+        taken = KVCache(keys=[k[:count] for k in self.keys], values=[v[:count] for v in self.values],
+                        lengths=self.lengths[:count])
+        self.keys, self.values = [k[count:] for k in self.keys], [v[count:] for v in self.values]
+        self.lengths = self.lengths[count:]
+        return taken
+
+    def extend(self, other: "KVCache") -> None:
+        """Append ``other``'s rows after this cache's (rows joining a running batch, prefilled on their own). Both
+        caches must hold the same layers; the shorter one's slots are padded with stale zeros."""
+        if self.keys and other.keys and len(self.keys) != len(other.keys):
+            raise ValueError(f"cannot join a cache of {len(other.keys)} layers to one of {len(self.keys)}")
+        if not self.keys:
+            self.keys, self.values = other.keys, other.values
+        elif other.keys:
+            slots = max(self.keys[0].shape[2], other.keys[0].shape[2])
+
+            def join(mine, theirs):
+                return torch.cat([F.pad(t, (0, 0, 0, slots - t.shape[2])) for t in (mine, theirs)])
+
+            self.keys = [join(k, o) for k, o in zip(self.keys, other.keys)]
+            self.values = [join(v, o) for v, o in zip(self.values, other.values)]
+        self.lengths = self.lengths + other.lengths
+
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
               span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys and values [b, kv_heads, t, d] at each row's ``slots`` [b, t]; return the
@@ -127,6 +154,34 @@ class _Layer:
         self.norm1, self.norm2 = get("input_layernorm.weight"), get("pre_mlp_layernorm.weight")
 
 
+class _HeadStack:
+    """The head layers stacked on a leading dimension [H, ...]: every head reads the same trunk output, so one
+    batched matmul runs all of them (decoding a small batch is bound by the number of ops, not their size). In the
+    cache the stack is one layer whose key/value heads are the H layers' side by side."""
+
+    NAMES = ("q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "o_bias", "gate", "up", "gate_bias", "up_bias",
+             "down", "down_bias", "norm1", "norm2")
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+        self.count = tensors["q"].shape[0]
+
+    @classmethod
+    def of(cls, layers: list[_Layer]) -> "_HeadStack":
+        return cls({name: None if getattr(layers[0], name) is None else torch.stack([getattr(l, name) for l in layers])
+                    for name in cls.NAMES})
+
+    def first(self, count: int) -> "_HeadStack":
+        """The first ``count`` heads (views, no copy)."""
+        return _HeadStack({name: None if t is None else t[:count] for name, t in self.tensors.items()})
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Each head's ``name`` projection of its input x [H, m, in] -> [H, m, out]."""
+        out = torch.bmm(x, self.tensors[name].transpose(1, 2))
+        bias = self.tensors[name + "_bias"]
+        return out if bias is None else out + bias[:, None]
+
+
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
     """RoPE's inverse frequencies exactly as megatron-core's RotaryEmbedding computes them (fp32, then its llama3
     scaling when ``rope_scaling_type=llama3``), as fp64 for the angles."""
@@ -177,7 +232,8 @@ class MTPDecoder:
         self.embedding = dense["embedding.word_embeddings.weight"].to(device=device, dtype=dtype)
         self.trunk = [_Layer(cfg, dense, f"decoder.layers.{i}.", dtype, device)
                       for i in range(cfg.trunk_num_layers())]
-        self.heads = [_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype, device) for k in range(self.n_heads)]
+        self.heads = _HeadStack.of([_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype, device)
+                                    for k in range(self.n_heads)])
         self.final_norm = dense["mtp_heads.final_norm.weight"].to(device=device, dtype=dtype)
         self.output = dense["mtp_heads.output_layer.weight"][: self.vocab_size].to(device=device, dtype=dtype)
         self.inv_freq = rope_inv_freq(cfg).to(device)
@@ -214,6 +270,28 @@ class MTPDecoder:
         mlp = F.silu(F.linear(h, layer.gate, layer.gate_bias)) * F.linear(h, layer.up, layer.up_bias)
         return x + F.linear(mlp, layer.down, layer.down_bias)
 
+    def _head_layers(self, heads: _HeadStack, x: torch.Tensor, index: int, cache: KVCache,
+                     place: _Placement) -> torch.Tensor:
+        """``_layer`` of every head in ``heads`` on the trunk output x [b, t, d] at once -> [H, b, t, d]."""
+        (b, t, d), count, hq, hkv, hd = x.shape, heads.count, self.heads_q, self.heads_kv, self.head_dim
+        w = heads.tensors
+        h = (self._norm(x, 1.0)[None] * w["norm1"][:, None, None]).view(count, b * t, d)
+
+        def split(y, per_head):  # [H, b*t, per_head*hd] -> [b, H*per_head, t, hd]
+            return y.view(count, b, t, per_head, hd).permute(1, 0, 3, 2, 4).reshape(b, count * per_head, t, hd)
+
+        q, k, v = split(heads.linear(h, "q"), hq), split(heads.linear(h, "k"), hkv), split(heads.linear(h, "v"), hkv)
+        q, k = self._rope(q, place.cos, place.sin), self._rope(k, place.cos, place.sin)
+        k, v = cache.store(index, k, v, place.positions, place.span)
+        repeat = hq // hkv  # head-major: the H layers' query groups each meet their own layer's keys
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=place.mask)  # [b, H*hq, t, hd]
+        attn = attn.view(b, count, hq, t, hd).permute(1, 0, 3, 2, 4).reshape(count, b * t, hq * hd)
+        x = x.reshape(1, b * t, d) + heads.linear(attn, "o")
+        h = self._norm(x, w["norm2"][:, None])
+        mlp = F.silu(heads.linear(h, "gate")) * heads.linear(h, "up")
+        return (x + heads.linear(mlp, "down")).view(count, b, t, d)
+
     def _place(self, tokens: torch.Tensor, cache: KVCache) -> _Placement:
         """Row r's new tokens take positions ``cache.lengths[r]`` on."""
         b, t = tokens.shape
@@ -230,12 +308,15 @@ class MTPDecoder:
         return _Placement(positions, span, mask[:, None], *self._rope_tables(positions))
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, heads: int | None = None) -> torch.Tensor:
+        """Every head's logits [n, b, t, V], or the first ``heads`` heads' only (plain next-token decoding runs
+        head 1 alone: the others' layers and unembeddings would be wasted work, and their caches stay empty, so
+        one cache is filled with one ``heads`` throughout)."""
         place = self._place(tokens, cache)
         x = self.embedding[tokens]
         for i, layer in enumerate(self.trunk):
             x = self._layer(layer, x, i, cache, place)
-        logits = [self._norm(self._layer(layer, x, len(self.trunk) + k, cache, place), self.final_norm) @ self.output.T
-                  for k, layer in enumerate(self.heads)]
+        stack = self.heads if heads is None else self.heads.first(heads)
+        logits = self._norm(self._head_layers(stack, x, len(self.trunk), cache, place), self.final_norm) @ self.output.T
         cache.lengths = [length + tokens.shape[1] for length in cache.lengths]
-        return torch.stack(logits)
+        return logits

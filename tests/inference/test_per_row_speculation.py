@@ -100,3 +100,46 @@ def test_prompt_lengths_must_fit_the_padded_prompt(half_trained):
     for bad in ([2], [0, 5], [2, 6]):
         with pytest.raises(ValueError, match="prompt_lengths .*one per prompt row \\(2\\), each from 1 to"):
             speculative(half_trained, padded, 4, prompt_lengths=bad)
+
+
+def test_waiting_prompts_join_as_rows_finish(half_trained):
+    """``batch_size`` rows at once: a waiting prompt is prefilled and joins the running batch (its cache appended
+    with ``KVCache.extend``) as soon as a row leaves. Every row still decodes exactly as alone, and the batch takes
+    fewer forwards than running the prompts in chunks of ``batch_size``, each chunk as long as its slowest row."""
+    prompts = _prompts([1, 4, 9, 16, 2, 7, 5, 3])
+    alone = _alone(half_trained, prompts)
+    out, stats = speculative(half_trained, _right_padded(prompts), NEW_TOKENS,
+                             prompt_lengths=[p.shape[1] for p in prompts], batch_size=3)
+    assert torch.equal(out, torch.stack([tokens for tokens, _ in alone]))
+    assert stats.row_forwards == [s.forwards for _, s in alone]
+    chunked = sum(max(s.forwards for _, s in alone[i: i + 3]) for i in range(0, len(alone), 3))
+    assert stats.forwards < chunked, (stats.forwards, chunked)
+    first, _ = speculative(half_trained, _right_padded(prompts), 1, prompt_lengths=[p.shape[1] for p in prompts],
+                           batch_size=3)  # rows that finish at their prompt's forward: prefilled ones still join
+    assert torch.equal(first, out[:, :1])
+    with pytest.raises(ValueError, match="batch_size 0: give at least 1 row"):
+        speculative(half_trained, prompts[0], 4, batch_size=0)
+
+
+def test_greedy_runs_head_one_alone(trained):
+    """Plain decoding is the baseline speculation must beat: it does the FLOPs of the same model with n=1 (trunk,
+    head 1, one unembedding), not all n heads', and gives the same tokens."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, dense = native.read_checkpoint(trained)
+    one_head = copy.deepcopy(cfg)
+    one_head.mtp.n_heads = 1
+    decoders = [MTPDecoder(c, dense, torch.float64) for c in (cfg, one_head)]
+    prompt = _prompts([9])[0]
+    flops, tokens = [], []
+    for decoder in decoders:
+        with FlopCounterMode(display=False) as counter:
+            tokens.append(greedy(decoder, prompt, 8)[0])
+        flops.append(counter.get_total_flops())
+    assert torch.equal(tokens[0], tokens[1])
+    assert flops[0] == flops[1] > 0, flops
+    cache_all, cache_one = KVCache(), KVCache()
+    everything = decoders[0].forward(prompt, cache_all)
+    assert torch.allclose(decoders[0].forward(prompt, cache_one, heads=1), everything[:1], atol=1e-12, rtol=0)
