@@ -14,6 +14,16 @@ and of CPU time (this process plus the pool's workers) are reported:
 Every run's ``.bin``/``.idx`` must equal the baseline's byte for byte, which the table states.
 
     python bench/preprocess_throughput.py [--max-mb 8] [--repeats 5] [--tokenizer-model tok.model]
+
+Against Megatron-LM's ``tools/preprocess_data.py`` (``--megatron-lm DIR``, a Megatron-LM checkout whose
+``megatron/training/__init__.py`` imports only its global variables: the original imports the trainer, which needs
+triton): both tools run as whole processes (``python tools/preprocess_data.py ...``, start-up included) on one
+JSONL of the standard library's files repeated (each copy gains a ``# copy k`` line) up to ``--jsonl-mb`` MB, at
+each of ``--workers`` counts; the outputs must be equal byte for byte. Where the time goes is measured once, in
+this process: each tool's start-up (a run on a one-record JSONL), JSON parsing, tokenization (one process) and
+writing.
+
+    python bench/preprocess_throughput.py --megatron-lm ../megatron-lm-0.16.1 --jsonl-mb 100 --workers 1 2
 """
 
 from __future__ import annotations
@@ -53,7 +63,107 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sample-mb", type=float, default=4.0,
                         help="training sample of the trained model (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of timed runs (default %(default)s)")
+    parser.add_argument("--megatron-lm", default=None, metavar="DIR",
+                        help="compare with Megatron-LM's tools/preprocess_data.py from this checkout instead")
+    parser.add_argument("--jsonl-mb", type=float, default=100.0, help="with --megatron-lm: corpus size (MB)")
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="with --megatron-lm: worker counts (default: 1 to os.cpu_count())")
     return parser.parse_args()
+
+
+def write_jsonl(files: list, path: str, megabytes: float) -> tuple[int, int]:
+    """The files as {"text": ...} records, repeated (copy k marked by a first line) up to ``megabytes``; returns
+    (records, text bytes)."""
+    import json
+
+    records = written = copy = 0
+    texts = [open(f, "rb").read().decode("utf-8") for f in files]
+    with open(path, "w", encoding="utf-8") as out:
+        while written < megabytes * MB:
+            for text in texts:
+                text = f"# copy {copy}\n{text}" if copy else text
+                out.write(json.dumps({"text": text}) + "\n")
+                records, written = records + 1, written + len(text.encode("utf-8"))
+                if written >= megabytes * MB:
+                    break
+            copy += 1
+    return records, written
+
+
+def tool_command(tool_dir: str, jsonl: str, model: str, prefix: str, workers: int) -> list:
+    return [sys.executable, os.path.join(tool_dir, "tools", "preprocess_data.py"), "--input", jsonl,
+            "--output-prefix", prefix, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
+            "--append-eod", "--workers", str(workers)]
+
+
+def run_tool(command: list, tool_dir: str) -> None:
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": tool_dir}
+    result = subprocess.run(command, cwd=tool_dir, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {shlex.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+
+
+def phases(jsonl: str, model: str) -> dict:
+    """Seconds of each part of the work, one process: JSON parsing, tokenization, writing (numpy, like both)."""
+    import json
+
+    import numpy as np
+    import sentencepiece
+
+    start = time.perf_counter()
+    with open(jsonl, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    parsed = time.perf_counter()
+    processor = sentencepiece.SentencePieceProcessor(model_file=model)
+    ids = [processor.encode(text) for text in texts]
+    tokenized = time.perf_counter()
+    with tempfile.TemporaryFile() as out:
+        for document in ids:
+            out.write(np.asarray(document, dtype=np.uint16).tobytes())
+    return {"JSON parsing": parsed - start, "tokenization (1 process)": tokenized - parsed,
+            "writing": time.perf_counter() - tokenized}
+
+
+def against_megatron_lm(args, files: list, model: str, tmp: str) -> None:
+    model = os.path.abspath(model)  # the tools run in their own folders
+    ours_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tools = {"Megatron-LM": os.path.abspath(args.megatron_lm), "ours": ours_dir}
+    jsonl = os.path.join(tmp, "corpus.jsonl")
+    records, nbytes = write_jsonl(files, jsonl, args.jsonl_mb)
+    one = os.path.join(tmp, "one.jsonl")
+    with open(jsonl, encoding="utf-8") as f, open(one, "w", encoding="utf-8") as out:
+        out.write(f.readline())
+    print(f"corpus: {records:,} JSONL records, {nbytes / MB:.1f} MB of text; median of {args.repeats} runs\n")
+    rows = []
+    for name, tool_dir in tools.items():
+        prefix = os.path.join(tmp, f"startup_{name}")
+        wall, cpu, _ = timed(lambda: run_tool(tool_command(tool_dir, one, model, prefix, 1), tool_dir))
+        rows.append([f"{name}: start-up (a one-record run)", f"{wall:.2f}", f"{cpu:.2f}"])
+    rows += [[name, f"{seconds:.2f}", f"{seconds:.2f}"] for name, seconds in phases(jsonl, model).items()]
+    print(table(["where the time goes", "wall s", "CPU s"], rows, aligns="lrr") + "\n")
+    rows = []
+    for workers in args.workers or list(range(1, (os.cpu_count() or 1) + 1)):
+        times = {name: [] for name in tools}
+        prefixes = {name: os.path.join(tmp, f"{name}_w{workers}".replace("-", "")) for name in tools}
+        for _ in range(args.repeats):  # round-robin, so that drift of the machine hits both alike
+            for name, tool_dir in tools.items():
+                command = tool_command(tool_dir, jsonl, model, prefixes[name], workers)
+                times[name].append(timed(lambda: run_tool(command, tool_dir)))
+        outputs = {name: prefix + "_text_document" for name, prefix in prefixes.items()}
+        for name, output in outputs.items():  # Megatron-LM's tool exits 0 when its workers fail
+            if not os.path.exists(output + ".bin"):
+                raise SystemExit(f"error: {name}'s tool wrote no {output}.bin: run its command by hand to see why")
+        same = "yes" if same_output(outputs["ours"], outputs["Megatron-LM"]) else "NO"
+        walls = {name: statistics.median(t[0] for t in times[name]) for name in tools}
+        cpus = {name: statistics.median(t[1] for t in times[name]) for name in tools}
+        rows.append([str(workers), f"{walls['Megatron-LM']:.2f}", f"{walls['ours']:.2f}",
+                     f"{walls['Megatron-LM'] / walls['ours']:.2f}x", f"{cpus['Megatron-LM']:.2f}",
+                     f"{cpus['ours']:.2f}", f"{nbytes / MB / walls['ours']:.2f}", same])
+    print(table(["workers", "Megatron-LM s", "ours s", "ours faster", "Megatron-LM CPU s", "ours CPU s",
+                 "ours MB/s", "same bytes"], rows, aligns="rrrrrrrl"))
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
 def stdlib_corpus(max_mb) -> list:
@@ -134,6 +244,8 @@ def main() -> None:
                   f"{trained.sample_bytes / MB:.1f} MB in {trained.seconds:.1f} s")
         else:
             print(f"tokenizer: {model}")
+        if args.megatron_lm:
+            return against_megatron_lm(args, files, model, tmp)
         print(f"corpus: {len(files)} stdlib .py files, {nbytes / MB:.1f} MB; EOD appended; "
               f"median of {args.repeats} runs\n")
 

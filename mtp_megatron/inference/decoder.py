@@ -37,7 +37,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 @dataclass
 class KVCache:
-    """Per layer (trunk, then heads) keys and values [b, kv_heads, slots, d], and each row's length.
+    """Per layer (trunk, then the stacked heads: their kv_heads side by side) keys and values [b, kv_heads, slots,
+    d], and each row's length.
 
     Row r's positions 0 .. lengths[r]-1 fill its first slots; the slots after them are stale (rejected drafts, a
     shorter prompt's padding): never attended to, and overwritten by the row's next tokens. So cropping is setting
