@@ -311,8 +311,8 @@ class MTPDecoder:
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache, heads: int | None = None) -> torch.Tensor:
         """Every head's logits [n, b, t, V], or the first ``heads`` heads' only (plain next-token decoding runs
-        head 1 alone: the others' layers and unembeddings would be wasted work, and their caches stay empty, so
-        one cache is filled with one ``heads`` throughout)."""
+        head 1 alone: the others' layers and unembeddings would be wasted work). The heads' cache layer is as wide
+        as ``heads`` makes it, so fill one cache with one ``heads`` throughout (another width fails to store)."""
         place = self._place(tokens, cache)
         x = self.embedding[tokens]
         for i, layer in enumerate(self.trunk):
