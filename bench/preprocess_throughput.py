@@ -118,10 +118,11 @@ def phases(jsonl: str, model: str) -> dict:
     parsed = time.perf_counter()
     processor = sentencepiece.SentencePieceProcessor(model_file=model)
     ids = [processor.encode(text) for text in texts]
+    dtype = token_dtype(processor.vocab_size())  # as both tools choose it
     tokenized = time.perf_counter()
     with tempfile.TemporaryFile() as out:
         for document in ids:
-            out.write(np.asarray(document, dtype=np.uint16).tobytes())
+            out.write(np.asarray(document, dtype=dtype).tobytes())
     return {"JSON parsing": parsed - start, "tokenization (1 process)": tokenized - parsed,
             "writing": time.perf_counter() - tokenized}
 

@@ -13,9 +13,9 @@ has its tokens (the rest run on without it). With ``batch_size`` below the numbe
 rows decode at once and a waiting prompt joins as soon as a row leaves (continuous batching): a batch then runs at
 its rows' mean pace, not its slowest row's, which at batch 8 cost a third of the forwards. Waiting prompts are
 prefilled ``batch_size`` at a time, in one forward, and join one by one from there (a prefill per joining row cost
-a fifth of the time at batch 8). Prompts of different
-lengths come right-padded, with ``prompt_lengths``. Each row's output is its greedy output; in fp32 the batch's matrix shapes differ from a lone
-row's, so a near-tie may round to another argmax (as it may for plain greedy at another batch size).
+a fifth of the time at batch 8). Prompts of different lengths come right-padded, with ``prompt_lengths``. Each
+row's output is its greedy output; in fp32 the batch's matrix shapes differ from a lone row's, so a near-tie may
+round to another argmax (as it may for plain greedy at another batch size).
 """
 
 from __future__ import annotations
@@ -112,6 +112,12 @@ class _Active:
     drafts: torch.Tensor
     """[a, n-1] heads 2..n's drafts of the tokens after it."""
 
+    @classmethod
+    def none(cls, drafts: int, device: torch.device) -> "_Active":
+        """No rows yet."""
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return cls([], empty, [], empty, empty.view(0, drafts))
+
     def join(self, rows: list[int], first: torch.Tensor, drafts: torch.Tensor) -> None:
         """Rows ``rows`` of the batch join (their caches appended by the caller), with their first tokens and
         drafts."""
@@ -141,9 +147,8 @@ def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int, 
     slots = prompt.shape[1] + max_new_tokens + n - 2
     # Each forward writes a row's whole block of head-1 tokens after what it has; only the accepted ones stay.
     out = torch.zeros(b, max_new_tokens + n - 1, dtype=torch.long, device=device)
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    active, cache = _Active([], empty, [], empty, empty.view(0, n - 1)), KVCache()
-    ready, ready_cache = _Active([], empty, [], empty, empty.view(0, n - 1)), KVCache()  # prefilled, waiting
+    active, cache = _Active.none(n - 1, device), KVCache()
+    ready, ready_cache = _Active.none(n - 1, device), KVCache()  # prefilled, waiting to join
     waiting = list(range(b))
     row_forwards, forwards = [1] * b, 0
     tried = torch.zeros(n - 1, dtype=torch.long, device=device)
