@@ -29,6 +29,7 @@ writing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import functools
 import os
@@ -91,6 +92,11 @@ def write_jsonl(files: list, path: str, megabytes: float) -> tuple[int, int]:
 
 
 def tool_command(tool_dir: str, jsonl: str, model: str, prefix: str, workers: int) -> list:
+    """The tool's command line; the earlier round's output is removed first (ours refuses to overwrite it, and a
+    stale file must not pass for the output of a run whose workers failed)."""
+    for suffix in (".bin", ".idx"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(prefix + "_text_document" + suffix)
     return [sys.executable, os.path.join(tool_dir, "tools", "preprocess_data.py"), "--input", jsonl,
             "--output-prefix", prefix, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
             "--append-eod", "--workers", str(workers)]
@@ -150,8 +156,8 @@ def against_megatron_lm(args, files: list, model: str, tmp: str) -> None:
         prefixes = {name: os.path.join(tmp, f"{name}_w{workers}".replace("-", "")) for name in tools}
         for _ in range(args.repeats):  # round-robin, so that drift of the machine hits both alike
             for name, tool_dir in tools.items():
-                command = tool_command(tool_dir, jsonl, model, prefixes[name], workers)
-                times[name].append(timed(lambda: run_tool(command, tool_dir)))
+                times[name].append(timed(lambda: run_tool(
+                    tool_command(tool_dir, jsonl, model, prefixes[name], workers), tool_dir)))
         outputs = {name: prefix + "_text_document" for name, prefix in prefixes.items()}
         for name, output in outputs.items():  # Megatron-LM's tool exits 0 when its workers fail
             if not os.path.exists(output + ".bin"):
