@@ -191,7 +191,7 @@ class Trainer:
 
         if self.megatron_gpt:
             return [float(losses[0]["loss"])]
-        return reduce_head_stats(losses, self.cfg.mtp.n_heads, self.env).head_loss
+        return reduce_head_stats(losses, self.cfg.mtp, self.env).head_loss
 
 
 def _megatron_gpt_forward_step(data_iterator, model):

@@ -14,7 +14,7 @@ parameter, the worst one reported and checked against the dtype's tolerance:
   spreads it.
 * bf16: 2e-2. bf16 keeps 8 significant bits (u = 2**-8 = 3.9e-3). The naive order sums the n heads' dL/dz in
   bf16, rounding after each of its n - 1 additions; the sequential one sums in fp32 and rounds once
-  (model/heads.py). That difference, a few u, then runs through the trunk's bf16 backward: the CPU tests
+  (model/heads/sequential.py). That difference, a few u, then runs through the trunk's bf16 backward: the CPU tests
   (tests/model/test_sequential_backward.py) measured a worst 8.8e-3 at n=4, so 2e-2 (about 5u). A wrong scale or a
   missing head is off by O(1/n) or more.
 

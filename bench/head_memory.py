@@ -3,6 +3,7 @@ sequential with the chunked cross-entropy (``mtp.loss_chunk_size``); and the ste
 
     python bench/head_memory.py --megatron-gpt       # defaults: vocab 32000, seq 1024, hidden 256, 2-layer trunk
     python bench/head_memory.py --device cuda --seq 4096 --vocab 128256
+    python bench/head_memory.py --head-type cp --cp-rank 4   # the n-head variants in another design
 
 The first three variants run unchunked (``mtp.loss_chunk_size=0``), the fourth with ``--chunk`` positions per
 chunk (default: the config default); the sequential and chunked variants are the same model, so their losses
@@ -63,18 +64,21 @@ from bench._common import (  # noqa: E402
 import torch  # noqa: E402
 
 from mtp_megatron.config.schema import MTPConfig  # noqa: E402
+from mtp_megatron.model.heads import DESIGNS  # noqa: E402
 
 UNCHUNKED = ("mtp.loss_chunk_size=0",)
 
 
-def head_variants(n_heads: int, chunk: int) -> list[Variant]:
-    """n=1, n heads naive and n heads sequential unchunked (as before chunking existed), then n heads sequential
-    chunked: the same model as the third."""
+def head_variants(n_heads: int, chunk: int, head_type: str = "transformer", cp_rank: int = 4) -> list[Variant]:
+    """n=1 (a plain GPT: one transformer head), n heads of ``head_type`` naive and sequential unchunked (as before
+    chunking existed), then n heads sequential chunked: the same model as the third."""
+    design = (f"mtp.head_type={head_type}", f"mtp.cp_rank={cp_rank}")
+    label = "" if head_type == "transformer" else f" {head_type}" + (f" r={cp_rank}" if head_type == "cp" else "")
     return [Variant("n=1", 1, True, overrides=UNCHUNKED),
-            Variant(f"n={n_heads} naive", n_heads, False, overrides=UNCHUNKED),
-            Variant(f"n={n_heads} sequential", n_heads, True, overrides=UNCHUNKED),
-            Variant(f"n={n_heads} sequential chunked {chunk}", n_heads, True,
-                    overrides=(f"mtp.loss_chunk_size={chunk}",))]
+            Variant(f"n={n_heads}{label} naive", n_heads, False, overrides=UNCHUNKED + design),
+            Variant(f"n={n_heads}{label} sequential", n_heads, True, overrides=UNCHUNKED + design),
+            Variant(f"n={n_heads}{label} sequential chunked {chunk}", n_heads, True,
+                    overrides=(f"mtp.loss_chunk_size={chunk}", *design))]
 
 
 def step_times(args, timed: list[Variant]) -> dict[str, float]:
@@ -202,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--time-steps", type=int, default=8,
                         help="timed train steps per variant for the step-time ratio; 0 skips it (default 8)")
     parser.add_argument("--time-warmup", type=int, default=2, help="untimed rounds before them (default 2)")
+    parser.add_argument("--head-type", default="transformer", choices=sorted(DESIGNS),
+                        help="mtp.head_type of the n-head variants; n=1 stays a plain GPT (default %(default)s)")
+    parser.add_argument("--cp-rank", type=int, default=4, help="mtp.cp_rank with --head-type cp (default 4)")
     args = parser.parse_args(argv)
     if args.vocab < 32000 or args.seq < 1024:
         print(f"note: the project's goal is stated at vocab >= 32000 and seq >= 1024 (got {args.vocab}, {args.seq})")
@@ -209,7 +216,7 @@ def main(argv=None) -> int:
     cpu_rss = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     mmap_fixed = _fix_glibc_mmap_threshold() if cpu_rss else False
 
-    chosen = head_variants(args.n_heads, args.chunk) + ([MEGATRON_GPT] if args.megatron_gpt else [])
+    chosen = head_variants(args.n_heads, args.chunk, args.head_type, args.cp_rank) + ([MEGATRON_GPT] if args.megatron_gpt else [])
     results = [measure(args, v) for v in chosen]
     device, dtype = results[0]["device"], results[0]["dtype"]
     n = args.n_heads

@@ -9,7 +9,7 @@ consecutive samples of ``--seq-length`` tokens (default: the model's) plus their
 samples' shape. Head i at position t is scored on token t+i of the same sample, the last i-1 positions having
 none, as in training. Prints ``{"loss/head_1": ..., "acc/head_1": ..., ..., "samples": N, "tokens/head_1": ...}``:
 token-weighted mean cross-entropy (nats) and top-1 accuracy per head, defined as training defines them
-(model/heads.py): the softmax runs over every row of the padded vocabulary, as megatron's vocab-parallel
+(model/heads/base.py): the softmax runs over every row of the padded vocabulary, as megatron's vocab-parallel
 cross-entropy does, and a target counts as correct when no row's logit exceeds its own.
 
 ``--device auto`` (the default) evaluates on the GPU when one is visible, else on the CPU; ``--dtype auto`` is
@@ -82,7 +82,7 @@ def _head_scores(model, k: int, hidden: torch.Tensor, inputs, targets: torch.Ten
     del logits  # the bf16 logits are not needed once converted
     targets = targets.T.flatten()
     loss = F.cross_entropy(predicted, targets, reduction="sum")
-    # Training's top-1 (heads.py _top1_correct): the target's logit is the highest, ties included.
+    # Training's top-1 (heads/base.py top1_correct): the target's logit is the highest, ties included.
     target_logit = predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     correct = (target_logit >= predicted.max(dim=-1).values).sum()
     return torch.tensor([loss.item(), correct.item(), targets.numel()], dtype=torch.float64)

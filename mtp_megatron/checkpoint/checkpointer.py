@@ -3,7 +3,7 @@
 What a checkpoint holds, and where:
 
 * sharded (each rank writes its part; reshardable to any TP x PP x DP on load): ``model`` (trunk and every MTP
-  head: the heads shard themselves, see model/heads.py), written by every engine alike so that checkpoints
+  head: the heads shard themselves, see model/heads/base.py), written by every engine alike so that checkpoints
   reshard, load across engines and tools read them alike; ``optimizer`` where the engine's optimizer is
   megatron-core's (its ``fully_reshardable`` form); ``rng_state`` (checkpoint/state.py);
 * the engine's own files in a subfolder (engines/base.py ``private_folder``): DeepSpeed's ZeRO partitions in

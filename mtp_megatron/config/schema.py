@@ -125,9 +125,35 @@ class MTPConfig:
     """The multi-token prediction heads (Gloeckle et al. 2024)."""
 
     n_heads: int = 4
-    """Future tokens predicted per position: head i predicts token t+i from the trunk output at t. Each head is one
-    transformer layer; all share the final norm and unembedding. 1 = a plain GPT. The paper's best is 4 for a 32k
-    vocabulary."""
+    """Future tokens predicted per position: head i predicts token t+i from the trunk output at t. All heads share
+    the final norm and unembedding. 1 with transformer heads = a plain GPT. The paper's best is 4 for a 32k
+    vocabulary, 8 for bytes."""
+
+    head_type: Literal["transformer", "linear", "causal", "anticausal", "cp"] = "transformer"
+    """The head design (mtp_megatron/model/heads/). transformer: head i is one transformer layer on the trunk output
+    z (Gloeckle et al. 2024); linear: one d x d linear map of z, no nonlinearity (their App. B); causal: head i
+    applies head layers 1..i in a chain; anticausal: head i applies layers n..i (the most distant token's head
+    first); cp: a rank-``cp_rank`` mixture of products of per-token factors (Basharin et al. 2024; rank 1 is the
+    transformer design). Every design keeps one head's logits alive at a time in the sequential backward."""
+
+    cp_rank: int = 4
+    """head_type=cp: mixture components r. Each head's layer output is expanded into r factor states by a d -> r d
+    linear map (r d^2 parameters per head) and a d -> r map of z gives the mixture weights; 1 = no mixture."""
+
+    cp_balance_coef: float = 0.01
+    """head_type=cp: coefficient of the Switch-Transformer load-balancing term r sum_a f_a P_a (f_a: share of
+    positions whose largest mixture weight is component a, P_a: a's mean weight; 1 when balanced), which keeps all
+    components in use. 0 = off."""
+
+    loss_weights: Optional[List[float]] = None
+    """One weight per head multiplying that head's loss in the objective (head_type=cp: the exponent of head s's
+    factors in the mixture's likelihood); null = all 1. The logged per-head losses stay unweighted; the logged
+    ``loss`` is the weighted objective. E.g. DeepSeek-V3's [1, 0.3, 0.3, 0.3]."""
+
+    loss_weight_schedule: Optional[List[List[float]]] = None
+    """Later phases of the loss weights: [[step, w_1, ..., w_n], ...] in ascending step order, each replacing the
+    weights from that training step (numbered as logged, 1 = the first) on; e.g. [[10000, 1, 0.1, 0.1, 0.1]] after
+    loss_weights [1, 0.3, 0.3, 0.3] is DeepSeek-V3's schedule. null = loss_weights throughout."""
 
     sequential_backward: bool = True
     """Run each head's forward and backward one at a time, accumulating the gradient at the trunk output, so only

@@ -45,7 +45,8 @@ def problems(cfg: Config) -> List[str]:
     """What ``validate`` would raise, as a list, for checks that add their own problems to the same message
     (``validate_for_world``)."""
     out = _Problems()
-    for check in (_check_sizes, _check_shapes, _check_trunk_and_heads, _check_loss_chunks, _check_parallel,
+    for check in (_check_sizes, _check_shapes, _check_trunk_and_heads, _check_loss_chunks, _check_head_design,
+                  _check_parallel,
                   _check_optim, _check_run):
         check(cfg, out)
     return list(out)
@@ -99,6 +100,40 @@ def _check_loss_chunks(cfg: Config, out: _Problems) -> None:
                 f"{chunk} positions cannot be split over parallel.tp={par.tp} ranks under sequence parallelism "
                 "(each rank forms its share of a chunk from its own slice of the sequence)",
                 f"use a multiple of {par.tp} (e.g. {max(par.tp, chunk // par.tp * par.tp)}), or 0 for no chunking")
+
+
+def _check_head_design(cfg: Config, out: _Problems) -> None:
+    """The CP rank and balance coefficient, and the loss weights and their schedule: one weight per head, >= 0,
+    phases at increasing steps."""
+    mtp = cfg.mtp
+    if mtp.cp_rank < 1:
+        out.add("mtp.cp_rank", f"must be >= 1, got {mtp.cp_rank}", "use the number of mixture components, e.g. 4")
+    if mtp.cp_balance_coef < 0:
+        out.add("mtp.cp_balance_coef", f"must be >= 0, got {mtp.cp_balance_coef}", "use e.g. 0.01, or 0 for off")
+    if "mtp.n_heads" in out.bad:
+        return
+    n = mtp.n_heads
+    if mtp.loss_weights is not None:
+        if len(mtp.loss_weights) != n:
+            out.add("mtp.loss_weights", f"has {len(mtp.loss_weights)} entries for mtp.n_heads={n} heads",
+                    f"give one weight per head ({n}), or null for all 1")
+        elif any(w < 0 for w in mtp.loss_weights):
+            out.add("mtp.loss_weights", f"{mtp.loss_weights} has a negative weight", "use weights >= 0")
+    previous = 0
+    for k, phase in enumerate(mtp.loss_weight_schedule or []):
+        field = f"mtp.loss_weight_schedule[{k}]"
+        if len(phase) != n + 1:
+            out.add(field, f"{phase} has {len(phase)} entries", f"write [step, w_1, ..., w_{n}] ({n + 1} numbers)")
+        elif phase[0] != int(phase[0]):
+            out.add(field, f"starts at step {phase[0]}, which is not a whole step", "start each phase at an integer step")
+        elif phase[0] <= previous:
+            out.add(field, f"starts at step {int(phase[0])}, not after " + (f"the phase before it (step {int(previous)})"
+                                                                            if previous else "step 0"),
+                    "list the phases at increasing steps > 0")
+        elif any(w < 0 for w in phase[1:]):
+            out.add(field, f"{phase[1:]} has a negative weight", "use weights >= 0")
+        else:
+            previous = phase[0]
 
 
 def _check_shapes(cfg: Config, out: _Problems) -> None:

@@ -58,18 +58,22 @@ def rope_parameters(cfg: Config) -> dict:
     return params
 
 
-def llama_config(cfg: Config, vocab_rows: int, dtype: torch.dtype, special_ids: Optional[dict] = None):
+def llama_config(cfg: Config, vocab_rows: int, dtype: torch.dtype, special_ids: Optional[dict] = None,
+                 num_layers: Optional[int] = None, architectures: Optional[list] = None):
     """The ``LlamaConfig`` computing our next-token path: trunk + head 1, ``vocab_rows`` (padded) rows, and the
-    tokenizer's ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (None where unknown)."""
+    tokenizer's ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (None where unknown). ``num_layers``: the
+    Llama's decoder layers when they are not trunk + 1 (head designs other than transformer: convert/hf.py
+    ``llama_layer_count``); ``architectures``: what config.json names (default: nothing)."""
     from transformers import LlamaConfig
 
     m = cfg.model
+    extra = {"architectures": architectures} if architectures else {}
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(special_ids or {})}
     return LlamaConfig(
         vocab_size=vocab_rows,
         hidden_size=m.hidden_size,
         intermediate_size=m.resolved_ffn_hidden_size(),
-        num_hidden_layers=cfg.trunk_num_layers() + 1,
+        num_hidden_layers=cfg.trunk_num_layers() + 1 if num_layers is None else num_layers,
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups or m.num_attention_heads,
         head_dim=m.resolved_head_dim(),
@@ -82,6 +86,7 @@ def llama_config(cfg: Config, vocab_rows: int, dtype: torch.dtype, special_ids: 
         mlp_bias=m.add_bias_linear,
         dtype=dtype,
         **ids,
+        **extra,
     )
 
 

@@ -29,7 +29,8 @@ import torch
 
 from mtp_megatron.config import Config
 from mtp_megatron.distributed.parallel import ParallelEnv
-from mtp_megatron.engines.step import StepResult, reduce_head_stats, run_forward_backward, with_head_weights
+from mtp_megatron.engines.step import (StepResult, loss_weights_at, reduce_head_stats, run_forward_backward,
+                                       with_head_weights)
 
 
 class EngineStateError(RuntimeError):
@@ -65,15 +66,18 @@ class Engine(ABC):
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, data_iterator, num_microbatches: int,
-                   after_backward: Optional[Callable[[bool], None]] = None) -> StepResult:
+                   after_backward: Optional[Callable[[bool], None]] = None, step: int = 1) -> StepResult:
         """One optimizer step over ``num_microbatches`` microbatches; the update is skipped (and the schedule
         not advanced) on a non-finite loss or gradient norm. ``after_backward(final)`` runs after the backward,
         before the update, for measurements: once with ``final`` true when the step's gradients are complete
         (``gathered_gradients`` reads them then), and where the engine accumulates microbatch by microbatch
-        (DeepSpeed) also after each earlier microbatch's backward, with ``final`` false."""
+        (DeepSpeed) also after each earlier microbatch's backward, with ``final`` false. ``step``: the step's
+        number as logged (1 = the first), which picks the heads' loss weights (``mtp.loss_weight_schedule``)."""
+        loss_weights = loss_weights_at(self.cfg.mtp, step)
         data = with_head_weights(data_iterator, num_microbatches, self.cfg.mtp.n_heads, self.module.document_eod,
-                                 self.env)
+                                 self.env, loss_weights)
         result = self._forward_backward_update(data, num_microbatches, after_backward)
+        result.loss_weights = loss_weights
         result.update_skipped = result.skip_reason is not None
         if not result.update_skipped:
             self.scheduler.step(increment=1)
@@ -87,7 +91,7 @@ class Engine(ABC):
         if after_backward is not None:
             after_backward(True)  # the step's gradients are complete
         # The losses first: every rank must know whether any head's loss was finite before anyone steps.
-        result = reduce_head_stats(losses, self.cfg.mtp.n_heads, self.env)
+        result = reduce_head_stats(losses, self.cfg.mtp, self.env)
         result.grad_norm, result.skip_reason = self._update(losses_finite=not result.nonfinite_heads)
         return result
 
@@ -111,7 +115,7 @@ class Engine(ABC):
             losses = self.forward_backward(data_iterator, num_microbatches, forward_only=True)
         finally:
             self.model.train()
-        return reduce_head_stats(losses, self.cfg.mtp.n_heads, self.env)
+        return reduce_head_stats(losses, self.cfg.mtp, self.env)
 
     # -- parameters ---------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ only and counts each TP-replicated parameter once in the gradient norm (megatron
 
 A step is ``gradient_accumulation_steps`` microbatches of ``engine(...)`` and ``engine.backward(loss)``, then
 ``engine.step()``, which DeepSpeed turns into one update at the accumulation boundary. The MTP heads' sequential
-backward runs inside ``engine.backward`` (see model/heads.py); the shared norm and unembedding tell ZeRO to
+backward runs inside ``engine.backward`` (see model/heads/sequential.py); the shared norm and unembedding tell ZeRO to
 reduce their gradient once, after the last head (``ds_grad_is_ready``).
 
 Non-finite steps are checked here, not left to DeepSpeed, whose own skip has changed between releases (for a
@@ -183,7 +183,7 @@ class DeepSpeedEngine(Engine):
         """DeepSpeed's engine applies the update (or, for a non-finite norm, skips it) at the last microbatch."""
         losses = self._microbatches(data_iterator, num_microbatches, forward_only=False,
                                     after_backward=after_backward)
-        result = reduce_head_stats(losses, self.cfg.mtp.n_heads, self.env)
+        result = reduce_head_stats(losses, self.cfg.mtp, self.env)
         result.grad_norm, result.skip_reason = self._update_result()
         if result.skip_reason and result.nonfinite_heads:
             result.skip_reason = "non-finite loss"

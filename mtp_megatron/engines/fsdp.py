@@ -6,7 +6,7 @@ freed after them with ``parallel.fsdp_reshard_after_forward``); the root unit ho
 the last stage's MTP heads with their shared final norm and unembedding, as megatron-core's own
 ``TorchFullyShardedDataParallel`` groups a GPT. The root's gradients are reduce-scattered once, when the whole
 backward is done (FSDP2's root post-backward), so the shared norm and unembedding, which receive one gradient
-per head in the sequential backward (model/heads.py), are reduced once per microbatch after the last head.
+per head in the sequential backward (model/heads/sequential.py), are reduced once per microbatch after the last head.
 Under tensor parallelism every parameter is this TP rank's megatron-core shard, itself sharded over DP (dim 0).
 
 Precision: the sharded parameters and AdamW's state are fp32; bf16 runs compute in bf16 through FSDP2's

@@ -2,19 +2,35 @@
 
 Training runs megatron-core's layers; decoding wants a cache and cropping it back after rejected drafts, which
 is simplest on plain tensors. This is the same computation (RMSNorm, rotate-half RoPE, grouped-query attention,
-SwiGLU, optional linear biases, any head width; the trunk, then every head's layer on the trunk output, the shared
-norm and unembedding), checked against megatron's forward in tests/inference. RoPE as megatron-core computes it:
-inverse frequencies in fp32 from ``model.rotary_base``, megatron's llama3 scaling or linear position interpolation
-(``model.rope_scaling_type``). Llama-shaped models only (what convert/hf.py exports).
+SwiGLU, optional linear biases, any head width; the trunk, then the heads of the design ``mtp.head_type`` on the
+trunk output, the shared norm and unembedding), checked against megatron's forward in tests/inference. RoPE as
+megatron-core computes it: inverse frequencies in fp32 from ``model.rotary_base``, megatron's llama3 scaling or
+linear position interpolation (``model.rope_scaling_type``). Llama-shaped models only (what convert/hf.py exports).
 
 ``forward(tokens, cache)`` runs the new tokens [b, t] after what ``cache`` holds and returns every head's logits
-[n, b, t, V]: head 1 is the next token, head i the token i-1 after it. Each head layer keeps its own keys and
-values (it attends over the trunk outputs of all earlier positions); the head layers run stacked, as one batched
-layer (``_HeadStack``), so the cache has trunk + 1 layers, the last holding the n head layers' keys side by side.
-``forward(..., heads=1)`` runs head 1 alone, as plain next-token decoding does. The
-rows of a batch may hold different lengths (speculative decoding accepts a different count of drafts per row;
-prompts of different lengths): row r's new tokens take positions ``cache.lengths[r]`` on, for RoPE and in the
-cache, and attend to that row's positions only.
+[n, b, t, V]: head 1 is the next token, head i the token i-1 after it. What each design runs on the trunk output z
+(model/heads/), and what it keeps in the cache after the trunk's layers:
+
+* ``transformer``: head k's layer on z. The head layers run stacked, as one batched layer (``_HeadStack``): one
+  cache layer, holding the n head layers' keys and values side by side (each attends over z of all earlier
+  positions).
+* ``linear``: z W_k^T for every head at once (one batched matmul); nothing cached for the heads.
+* ``causal``: the chain h_1 = layer_1(z), h_k = layer_k(h_{k-1}); ``anticausal``: h_n = layer_n(z), h_k =
+  layer_k(h_{k+1}), head 1 the deepest. Each layer runs on its own (they read different inputs), with a cache
+  layer of its own over its own inputs, in the order the chain runs.
+* ``cp`` (rank r, ``mtp.cp_rank``): the transformer design's stacked layers give u_s; at r > 1 head s returns its
+  marginal log-probabilities log sum_a w_a softmax(unembed(u_s + (E_s u_s)_a)), log w = log_softmax(M z) (what
+  training's ``CPHeads.logits`` gives, in at least fp32): their argmax is the head's most likely token, which is
+  all greedy and speculative decoding read. Rank 1 is the transformer design (plain logits).
+
+``forward(..., heads=k)`` returns heads 1..k only and skips what they do not need: plain next-token decoding
+(``heads=1``) runs head 1's layer alone (transformer, cp: the stack's first layer, and at r > 1 the mixture and
+head 1's factors; causal: layer 1; linear: one matmul), except for anticausal heads, where head 1 needs the whole
+chain (only its unembedding is skipped). The rows of a batch may hold different lengths (speculative decoding
+accepts a different count of drafts per row; prompts of different lengths): row r's new tokens take positions
+``cache.lengths[r]`` on, for RoPE and in the cache, and attend to that row's positions only.
+
+An unknown ``mtp.head_type``, or a dense dict without a weight the design needs, is a ValueError naming it.
 
 ``MTPDecoder(cfg, dense, dtype, device)`` copies (and casts) every weight onto ``device`` once; everything a
 forward creates (positions, the attention mask) is made on the weights' device, so ``tokens`` must be there too.
@@ -37,8 +53,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 @dataclass
 class KVCache:
-    """Per layer (trunk, then the stacked heads: their kv_heads side by side) keys and values [b, kv_heads, slots,
-    d], and each row's length.
+    """Per layer (trunk, then the heads' layers: the stacked heads' kv_heads side by side, or each chained head
+    layer's own; see the module docstring) keys and values [b, kv_heads, slots, d], and each row's length.
 
     Row r's positions 0 .. lengths[r]-1 fill its first slots; the slots after them are stale (rejected drafts, a
     shorter prompt's padding): never attended to, and overwritten by the row's next tokens. So cropping is setting
@@ -105,6 +121,9 @@ class KVCache:
         """Write one layer's new keys and values [b, kv_heads, t, d] at each row's ``slots`` [b, t]; return the
         layer's keys and values over its first ``span`` slots (all a forward's queries can see)."""
         if layer == len(self.keys):
+            if self.length:  # a layer the earlier forwards did not fill would hold zeros for their positions
+                raise ValueError(f"cache layer {layer} is new, but the cache already holds {self.length} positions: "
+                                 "fill one cache with one forward(..., heads=) throughout")
             shape = (keys.shape[0], keys.shape[1], max(span, self.reserved), keys.shape[3])
             self.keys.append(keys.new_zeros(shape))
             self.values.append(values.new_zeros(shape))
@@ -130,10 +149,29 @@ class _Placement:
     sin: torch.Tensor
 
 
+HEAD_TYPES = ("transformer", "linear", "causal", "anticausal", "cp")
+"""The head designs the decoder runs (config/schema.py ``MTPConfig.head_type``)."""
+
+
+def _need(dense: dict, key: str, needed_by: str) -> torch.Tensor:
+    """``dense[key]``, or a ValueError naming the missing key and what needs it."""
+    if key not in dense:
+        raise ValueError(f"the dense state dict has no {key!r}, which {needed_by} needs (a checkpoint of another "
+                         "head design, or another mtp.n_heads / mtp.cp_rank, than its config says?)")
+    return dense[key]
+
+
 class _Layer:
     """One layer's tensors with megatron's fused ones split (q, k, v; gate, up); biases None without them."""
 
-    def __init__(self, cfg: Config, dense: dict, prefix: str, dtype: torch.dtype, device: torch.device):
+    REQUIRED = ("input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+
+    def __init__(self, cfg: Config, dense: dict, prefix: str, dtype: torch.dtype, device: torch.device,
+                 needed_by: str = "the trunk"):
+        for name in self.REQUIRED:
+            _need(dense, prefix + name, needed_by)
+
         def get(name):
             tensor = dense.get(prefix + name)
             return None if tensor is None else tensor.to(device=device, dtype=dtype)
@@ -223,6 +261,10 @@ class MTPDecoder:
         if problems:
             raise ValueError("decoding supports Llama-shaped models only:\n  - " + "\n  - ".join(problems))
         m = cfg.model
+        self.head_type = cfg.mtp.head_type
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"mtp.head_type={self.head_type!r}: the decoder runs the head designs "
+                             f"{', '.join(HEAD_TYPES)} only")
         self.n_heads, self.eps, self.dtype = cfg.mtp.n_heads, m.norm_epsilon, dtype
         self.heads_q, self.heads_kv = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
         self.head_dim = m.resolved_head_dim()
@@ -230,13 +272,38 @@ class MTPDecoder:
         # Every weight is moved here, wherever the dense dict holds it (a ``with torch.device(...)`` block would
         # not move them: it only places tensors created inside it).
         self.device = device = torch.device(device)
-        self.embedding = dense["embedding.word_embeddings.weight"].to(device=device, dtype=dtype)
+        self.embedding = _need(dense, "embedding.word_embeddings.weight", "the embedding").to(device=device,
+                                                                                              dtype=dtype)
         self.trunk = [_Layer(cfg, dense, f"decoder.layers.{i}.", dtype, device)
                       for i in range(cfg.trunk_num_layers())]
-        self.heads = _HeadStack.of([_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype, device)
-                                    for k in range(self.n_heads)])
-        self.final_norm = dense["mtp_heads.final_norm.weight"].to(device=device, dtype=dtype)
-        self.output = dense["mtp_heads.output_layer.weight"][: self.vocab_size].to(device=device, dtype=dtype)
+        design = f"mtp.head_type={self.head_type}"
+        # The CP rank: 1 for every other design (and CP at rank 1 is the transformer design's model exactly).
+        self.cp_rank = cfg.mtp.cp_rank if self.head_type == "cp" else 1
+        self.heads = self.chain = self.linear = self.cp_mixture = self.cp_expand = None
+        if self.head_type == "linear":  # [n, h, h]: every head's map, one bmm
+            self.linear = torch.stack([_need(dense, f"mtp_heads.layers.{k}.weight", design)
+                                       for k in range(self.n_heads)]).to(device=device, dtype=dtype)
+        else:
+            layers = [_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype, device, design)
+                      for k in range(self.n_heads)]
+            if self.head_type in ("causal", "anticausal"):
+                self.chain = layers  # one after another: no stacking
+            else:
+                self.heads = _HeadStack.of(layers)
+        if self.cp_rank > 1:
+            self.cp_mixture = _need(dense, "mtp_heads.cp_mixture.weight", f"{design} at cp_rank {self.cp_rank}").to(
+                device=device, dtype=dtype)  # [r, h]
+            self.cp_expand = torch.stack([  # [n, r*h, h]
+                _need(dense, f"mtp_heads.cp_expand.{s}.weight", f"{design} at cp_rank {self.cp_rank}")
+                for s in range(self.n_heads)]).to(device=device, dtype=dtype)
+        self.final_norm = _need(dense, "mtp_heads.final_norm.weight", "the heads' shared norm").to(device=device,
+                                                                                                   dtype=dtype)
+        output = _need(dense, "mtp_heads.output_layer.weight", "the heads' shared unembedding")
+        self.output = output[: self.vocab_size].to(device=device, dtype=dtype)
+        # CP's factors are softmaxes over every row, vocabulary padding included, as in training: their
+        # normalisers need the padding rows (which no token ever takes).
+        self.output_padding = (output[self.vocab_size :].to(device=device, dtype=dtype)
+                               if self.cp_mixture is not None and output.shape[0] > self.vocab_size else None)
         self.inv_freq = rope_inv_freq(cfg).to(device)
         # Linear scaling (megatron's seq_len_interpolation_factor) divides the positions.
         self.position_scale = m.rope_scaling_factor if m.rope_scaling_type == "linear" else 1.0
@@ -308,16 +375,63 @@ class MTPDecoder:
         mask = torch.arange(span, device=tokens.device) <= positions[:, :, None]
         return _Placement(positions, span, mask[:, None], *self._rope_tables(positions))
 
+    def _unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared final norm and unembedding of hidden states [..., d] -> logits [..., V]."""
+        return self._norm(hidden, self.final_norm) @ self.output.T
+
+    def _chain_heads(self, x: torch.Tensor, count: int, cache: KVCache, place: _Placement) -> torch.Tensor:
+        """Causal / anticausal heads 1..count's hidden states [count, b, t, d]: the chain's layers one after another
+        from the trunk output x, each its own cache layer (in the order they run, after the trunk's). Causal heads
+        need the chain up to head ``count``; anticausal ones the whole chain (head 1 is its last layer)."""
+        order = list(range(count)) if self.head_type == "causal" else list(reversed(range(self.n_heads)))
+        out, hidden = {}, x
+        for step, head in enumerate(order):
+            hidden = out[head] = self._layer(self.chain[head], hidden, len(self.trunk) + step, cache, place)
+        return torch.stack([out[head] for head in range(count)])
+
+    def _cp_log_probs(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """CP heads' marginal log-probabilities log sum_a w_a softmax(unembed(u_s + (E_s u_s)_a)) [H, b, t, V] from
+        the first H heads' layer outputs u [H, b, t, d] and the trunk output x [b, t, d] (log w = log_softmax(M x));
+        at least fp32 (training's CPHeads.logits)."""
+        (count, b, t, d), r = u.shape, self.cp_rank
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        log_w = torch.log_softmax((x @ self.cp_mixture.T).to(dtype), dim=-1)  # [b, t, r]
+        expanded = torch.bmm(u.view(count, b * t, d), self.cp_expand[:count].transpose(1, 2)).view(count, b, t, r, d)
+        out = None
+        for a in range(r):  # one component's logits alive at a time
+            normed = self._norm(u + expanded[..., a, :], self.final_norm)
+            logits = (normed @ self.output.T).to(dtype)
+            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+            if self.output_padding is not None:  # the padding rows' share of the softmax, as training counts it
+                padding = torch.logsumexp((normed @ self.output_padding.T).to(dtype), dim=-1, keepdim=True)
+                normaliser = torch.logaddexp(normaliser, padding)
+            lp = logits - normaliser + log_w[..., a, None]
+            out = lp if out is None else torch.logaddexp(out, lp)
+        return out
+
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache, heads: int | None = None) -> torch.Tensor:
-        """Every head's logits [n, b, t, V], or the first ``heads`` heads' only (plain next-token decoding runs
-        head 1 alone: the others' layers and unembeddings would be wasted work). The heads' cache layer is as wide
-        as ``heads`` makes it, so fill one cache with one ``heads`` throughout (another width fails to store)."""
+        """Every head's logits [n, b, t, V] (CP at rank > 1: marginal log-probabilities), or the first ``heads``
+        heads' only (plain next-token decoding runs head 1 alone: the others' layers and unembeddings would be
+        wasted work where the design allows). The heads' cache layers are as many (causal) or as wide (stacked
+        transformer / CP heads) as ``heads`` makes them, so fill one cache with one ``heads`` throughout (another
+        fails to store)."""
         place = self._place(tokens, cache)
         x = self.embedding[tokens]
         for i, layer in enumerate(self.trunk):
             x = self._layer(layer, x, i, cache, place)
-        stack = self.heads if heads is None else self.heads.first(heads)
-        logits = self._norm(self._head_layers(stack, x, len(self.trunk), cache, place), self.final_norm) @ self.output.T
+        count = self.n_heads if heads is None else heads
+        if not 1 <= count <= self.n_heads:
+            raise ValueError(f"heads={heads}: give 1 to {self.n_heads} (the model's heads), or None for all")
+        if self.heads is not None:  # transformer, cp: the stacked head layers
+            stack = self.heads if heads is None else self.heads.first(heads)
+            hidden = self._head_layers(stack, x, len(self.trunk), cache, place)
+            logits = self._unembed(hidden) if self.cp_mixture is None else self._cp_log_probs(hidden, x)
+        elif self.linear is not None:  # no attention, no cache: x @ W_k^T for every head at once
+            b, t, d = x.shape
+            logits = self._unembed(torch.matmul(x.reshape(1, b * t, d), self.linear[:count].transpose(1, 2))
+                                   .view(count, b, t, d))
+        else:
+            logits = self._unembed(self._chain_heads(x, count, cache, place))
         cache.lengths = [length + tokens.shape[1] for length in cache.lengths]
         return logits

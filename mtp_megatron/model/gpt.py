@@ -2,7 +2,7 @@
 
 The trunk is a ``GPTModel`` built with ``post_process=False`` on every stage, so embedding, rotary cache,
 pipeline input handling and the trunk's checkpoint keys are exactly megatron-core's. The last stage adds
-``mtp_heads`` (see heads.py), which replace GPTModel's final norm and output layer.
+``mtp_heads`` (see heads/base.py), which replace GPTModel's final norm and output layer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mtp_megatron.model.heads import HeadInputs, MTPHeads
+from mtp_megatron.model.heads import HeadInputs, build_heads
 from mtp_megatron.model.targets import shift_targets
 from mtp_megatron.model.initialization import seeded_init
 
@@ -48,6 +48,9 @@ class MTPGPTModel(GPTModel):
         init_seed: Optional[int] = None,
         pg_collection=None,
         loss_chunk_size: int = 0,
+        head_type: str = "transformer",
+        cp_rank: int = 1,
+        cp_balance_coef: float = 0.0,
     ):
         # The embedding (first stage) initialises from a stream of its own; each layer seeds itself (specs.py).
         with seeded_init(init_seed, "embedding") if init_seed is not None else contextlib.nullcontext():
@@ -72,7 +75,8 @@ class MTPGPTModel(GPTModel):
         # Set when documents are masked from each other: the heads then skip targets in a later document.
         self.document_eod = document_eod
         if post_process:
-            self.mtp_heads = MTPHeads(
+            self.mtp_heads = build_heads(
+                head_type,
                 config,
                 layer_spec,
                 norm_spec,
@@ -83,6 +87,8 @@ class MTPGPTModel(GPTModel):
                 init_seed=init_seed,
                 pg_collection=self.pg_collection,
                 loss_chunk_size=loss_chunk_size,
+                cp_rank=cp_rank,
+                cp_balance_coef=cp_balance_coef,
             )
 
     def forward(
@@ -93,6 +99,7 @@ class MTPGPTModel(GPTModel):
         labels: Optional[Tensor] = None,
         loss_mask: Optional[Tensor] = None,
         head_weights: Optional[Tensor] = None,
+        loss_weights: Optional[Tensor] = None,
     ):
         decoder_input, rotary_pos_emb, *_ = self._preprocess(input_ids=input_ids, position_ids=position_ids)
         hidden = self.decoder(
@@ -101,12 +108,12 @@ class MTPGPTModel(GPTModel):
         if not self.has_heads:
             return hidden
         head_labels, head_masks = shift_targets(labels, loss_mask, self.mtp_heads.n_heads, self.document_eod)
-        inputs = HeadInputs(head_labels, head_masks, attention_mask, rotary_pos_emb, head_weights)
+        inputs = HeadInputs(head_labels, head_masks, attention_mask, rotary_pos_emb, head_weights, loss_weights)
         return self.mtp_heads(hidden, inputs)
 
     def head_logits(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         """Every head's vocab-parallel logits [n, s, b, V/tp] for a single-stage model (pp=1): evaluation, decoding
-        and conversion checks; training never materialises more than one head's logits (see heads.py)."""
+        and conversion checks; training never materialises more than one head's logits (see heads/base.py)."""
         hidden, inputs = self.trunk_output(input_ids, position_ids)
         return torch.stack([self.mtp_heads.logits(k, hidden, inputs) for k in range(self.mtp_heads.n_heads)])
 

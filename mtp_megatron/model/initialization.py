@@ -60,7 +60,7 @@ class SeededTransformerLayer(TransformerLayer):
 
     The global number is the one ``TransformerLayer`` computes itself (local number plus the stage's offset), so
     layer 7 is initialised alike whichever stage holds it. The MTP heads are numbered after the trunk
-    (model/heads.py), so they get streams of their own too.
+    (model/heads/), so they get streams of their own too.
     """
 
     def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: Optional[int] = None,

@@ -41,7 +41,7 @@ backward: all n head layers' activations per microbatch in flight. Sequential ba
 (``2 s b h``, ``/ t`` with sequence parallel) per microbatch in flight, plus one head layer's activations, once.
 
 MTP logits (last stage): per head ``s b V/t`` elements, kept as the ``w``-byte logits plus the fp32 copy that the
-cross-entropy takes (``logits.float()`` in model/heads.py; the same tensor in fp32); sequential backward holds one
+cross-entropy takes (``logits.float()`` in model/heads/base.py; the same tensor in fp32); sequential backward holds one
 head's at a time, naive backward all n heads'.
 
 Throughput: FLOPs per token = ``6 N + 12 L h s`` (N = parameters of the whole model, L = trunk + head layers,

@@ -53,7 +53,7 @@ def _train_steps(cfg: Config, env: ParallelEnv, engine: Engine, data, valid_data
     while state.step < cfg.train.iters:
         lr = engine.lr  # the rate this step's update uses
         start = time.perf_counter()
-        result = engine.train_step(data, num_microbatches)
+        result = engine.train_step(data, num_microbatches, step=state.step + 1)  # the step's number, as logged
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start

@@ -24,7 +24,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_scores_are_the_training_losses_per_head(trained, cycles_dataset):
     """The evaluation's per-head numbers equal what the training forward reports as its statistics for the same
-    samples (loss sums and token counts per head, from model/heads.py)."""
+    samples (loss sums and token counts per head, from model/heads/inputs.py)."""
     cfg, dense = native.read_checkpoint(trained)
     windows = samples(cycles_dataset, 64, 16)
     assert windows.shape == (16, 65)

@@ -1,4 +1,4 @@
-"""Chunked head cross-entropy (``mtp.loss_chunk_size``, model/heads.py): the same gradients and per-head statistics
+"""Chunked head cross-entropy (``mtp.loss_chunk_size``, model/heads/base.py): the same gradients and per-head statistics
 as the unchunked order, with one chunk's logits formed at a time.
 
 Each case builds the model twice on the same seed (unchunked, ``loss_chunk_size=0``, then chunked), runs
@@ -72,7 +72,7 @@ def run_one(overrides: list[str], chunk: int) -> dict:
         # Evaluation runs forward-only without autograd (engines/base.py ``eval_step``).
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             losses = run_forward_backward([model], iter(batches), num_microbatches, cfg, forward_only=forward_only)
-        return reduce_head_stats(losses, cfg.mtp.n_heads, env).stats
+        return reduce_head_stats(losses, cfg.mtp, env).stats
 
     run(forward_only=False)
     train_stats = run(forward_only=False)

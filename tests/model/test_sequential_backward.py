@@ -70,7 +70,7 @@ def _gradients(overrides: list[str], sequential: bool):
                                   cfg.model.vocab_size, seed=100 + env.dp_rank)
     model.zero_grad_buffer()
     losses = run_forward_backward([model], iter(batches), num_microbatches, cfg, forward_only=False)
-    stats = reduce_head_stats(losses, cfg.mtp.n_heads, env).stats
+    stats = reduce_head_stats(losses, cfg.mtp, env).stats
     grads = {name: p.main_grad.detach().clone() for name, p in model.named_parameters()}
     is_last_stage = env.is_last_stage
     parallel_state.destroy_model_parallel()
