@@ -44,11 +44,11 @@ def step_one_gradients(tmp: str, data: list[str], variants: dict[str, list[str]]
         engine = build(cfg, env, module)
         train_step = engine.train_step
 
-        def capturing_train_step(data_iterator, num_microbatches, after_backward=None):
+        def capturing_train_step(data_iterator, num_microbatches, after_backward=None, **kwargs):
             def capture(final: bool) -> None:
                 if final:
                     captured.update(engine.gathered_gradients())
-            return train_step(data_iterator, num_microbatches, after_backward=capture)
+            return train_step(data_iterator, num_microbatches, after_backward=capture, **kwargs)
 
         engine.train_step = capturing_train_step
         return engine

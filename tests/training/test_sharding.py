@@ -247,8 +247,14 @@ def test_weights_load_into_every_sharding_and_out_of_fsdp(tmp_path):
     fresh = losses.pop("fresh")
     _assert_same_losses({k: v for k, v in losses.items() if k.startswith("2_")}, "2_into_none")
     _assert_same_losses({k: v for k, v in losses.items() if k.startswith("fsdp_")}, "fsdp_into_none")
-    # Across the two sources: the same weights to float rounding (two layouts' reductions), measured 3e-7.
-    _assert_same_losses(losses, "2_into_none", rtol=1e-5)
+    # Across the two sources: the same weights to float rounding (two layouts' reductions). The first step scores
+    # the loaded weights themselves; the updates after it amplify the rounding (Adam divides a near-zero gradient by
+    # its own size), measured up to 1.6e-5 by step 4 on CI, while a run that loaded nothing is off by > 1e-2.
+    first = {name: value[:1] for name, value in losses.items()}
+    worst_first = max(((value - first["2_into_none"]).abs() / first["2_into_none"]).max().item()
+                      for value in first.values())
+    assert worst_first <= 2e-6, f"the two sources' weights score differently at step 1: {worst_first:.2e}"
+    _assert_same_losses(losses, "2_into_none", rtol=1e-4)
     assert ((losses["fsdp_into_none"][0] - fresh[0]).abs() / fresh[0]).min() > 1e-2
 
 

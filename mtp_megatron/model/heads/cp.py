@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 
 from mtp_megatron.model.heads.inputs import STAT_CORRECT, STAT_LOSS_SUM, STAT_TOKENS, HeadInputs, HeadTargets
 from mtp_megatron.model.heads.linear import ReplicatedLinear
@@ -114,17 +115,39 @@ class CPHeads(TransformerHeads):
 
     @torch.no_grad()
     def _log_softmax(self, logits: Tensor) -> Tensor:
-        """Vocab-parallel log-softmax [c, b, V/tp] (no grad: statistics and decoding)."""
+        """Vocab-parallel log-softmax [c, b, V/tp] (no grad: evaluation and decoding)."""
         top = logits.max(dim=-1, keepdim=True).values
         torch.distributed.all_reduce(top, torch.distributed.ReduceOp.MAX, group=self.tp_group)
         sums = (logits - top).exp().sum(dim=-1, keepdim=True)
         torch.distributed.all_reduce(sums, group=self.tp_group)
         return logits - top - sums.log()
 
+    @torch.no_grad()
+    def _score_factor(self, logits: Tensor, labels: Tensor, log_w_a: Tensor | None, probs: Tensor | None):
+        """One factor's log P_a(target) [c, b] and the marginal's probabilities so far plus w_a P_a ([c, b, V/tp]).
+
+        megatron-core's vocab-parallel cross-entropy steps, so the log-probabilities are the naive order's to the
+        bit (gamma, and the mixture weights' cancelling gradient, depend on them); they work in place, leaving the
+        factor's softmax in ``logits``, which becomes ``probs`` for the first factor: scoring a factor holds no
+        buffer of the logits' size beyond the logits and ``probs``."""
+        steps = VocabParallelCrossEntropy
+        logits, top = steps.calculate_logits_max(logits)
+        torch.distributed.all_reduce(top, torch.distributed.ReduceOp.MAX, group=self.tp_group)
+        start = torch.distributed.get_rank(self.tp_group) * logits.size(-1)
+        _, _, target, sum_exp, exp = steps.calculate_predicted_logits(logits, labels, top, start,
+                                                                      start + logits.size(-1))
+        torch.distributed.all_reduce(target, group=self.tp_group)
+        torch.distributed.all_reduce(sum_exp, group=self.tp_group)
+        softmax, nll = steps.calculate_cross_entropy_loss(exp, target, sum_exp)
+        if log_w_a is not None:
+            softmax.mul_(log_w_a.float().exp())
+        return -nll, softmax if probs is None else probs.add_(softmax)
+
     def _chunk_scores(self, factors, log_w, targets, lambdas, chunk, stats, grad: bool):
         """One chunk's J_a = log w_a + sum_s lambda_s m_s log P_a^(s)(target) ([c, b, r], with its graph if
         ``grad``) and its log w ([c, b, r] or None); adds the chunk's per-head marginal loss and top-1 hits to
-        ``stats``. Each factor's logits are formed once and freed before the next."""
+        ``stats``. Each factor's logits are formed once and freed before the next; without ``grad`` (the
+        sequential backward's first pass, evaluation) they are scored in place."""
         lw = None if log_w is None else targets[0].take(log_w, chunk)
         lw_value = None if lw is None else lw.detach()
         joint = lw if grad else lw_value
@@ -132,15 +155,17 @@ class CPHeads(TransformerHeads):
             labels, mask = targets[s].chunk(chunk)
             probs, logp = None, []
             for a, state in enumerate(states):
+                w_a = None if lw_value is None else lw_value[..., a : a + 1]
                 with torch.set_grad_enabled(grad):
                     logits = self.unembed(state[chunk]).float()
-                with torch.no_grad():  # the marginal's probabilities, for its top-1
-                    p = self._log_softmax(logits.detach())
-                    p = (p if lw_value is None else p + lw_value[..., a : a + 1].float()).exp_()
-                    probs = p if probs is None else probs.add_(p)
-                    del p
-                with torch.set_grad_enabled(grad):
+                if grad:
+                    scored = logits.detach().clone()
                     logp.append(-self.cross_entropy(logits, labels))  # overwrites fp32 logits in place
+                    probs = self._score_factor(scored, labels, w_a, probs)[1]
+                    del scored
+                else:
+                    log_p, probs = self._score_factor(logits, labels, w_a, probs)
+                    logp.append(log_p)
                 del logits
             stats[s, STAT_CORRECT] += (self.top1_correct(probs, labels) * mask).sum().double()
             del probs
@@ -152,6 +177,19 @@ class CPHeads(TransformerHeads):
                 marginal = logp.detach() if lw_value is None else lw_value + logp.detach()
                 stats[s, STAT_LOSS_SUM] -= (torch.logsumexp(marginal, dim=-1) * mask).sum().double()
         return joint, lw
+
+    def _first_pass(self, factors, log_w, targets, lambdas, chunk, stats):
+        """``_chunk_scores`` without a graph, over the chunk's two halves: a factor's logits and the marginal's
+        probabilities, alive together, then take one chunk's logits' memory, what the second pass's backward takes."""
+        mid = chunk.start + (chunk.stop - chunk.start + 1) // 2
+        parts = [part for part in (slice(chunk.start, mid), slice(mid, chunk.stop)) if part.stop > part.start]
+        scores = [self._chunk_scores(factors, log_w, targets, lambdas, part, stats, grad=False) for part in parts]
+        shards = targets[0].shards  # each part's rows are every rank's slice of it, in rank order: interleave
+
+        def join(pieces: list[Tensor]) -> Tensor:
+            return torch.cat([p.view(shards, -1, *p.shape[1:]) for p in pieces], dim=1).flatten(0, 1)
+
+        return join([j for j, _ in scores]), None if log_w is None else join([lw for _, lw in scores])
 
     def _setup(self, hidden: list[Tensor], inputs: HeadInputs, stats: Tensor):
         targets = [self.targets(inputs, s) for s in range(self.n_heads)]
@@ -179,7 +217,10 @@ class CPHeads(TransformerHeads):
         lambdas, norm = self.loss_weights(inputs), self.normaliser(inputs, targets[0])
         total = hidden[0].new_zeros((), dtype=torch.float32)
         for chunk in self.chunks(hidden[0].size(0)):
-            joint, _ = self._chunk_scores(factors, log_w, targets, lambdas, chunk, stats, grad=torch.is_grad_enabled())
+            if torch.is_grad_enabled():
+                joint, _ = self._chunk_scores(factors, log_w, targets, lambdas, chunk, stats, grad=True)
+            else:
+                joint, _ = self._first_pass(factors, log_w, targets, lambdas, chunk, stats)
             counted = targets[0].chunk(chunk)[1]
             nll = -torch.logsumexp(joint, dim=-1) * counted
             stats[self.n_heads, STAT_LOSS_SUM] += nll.detach().sum().double()
@@ -195,7 +236,7 @@ class CPHeads(TransformerHeads):
         chunks = list(self.chunks(leaves[0].size(0)))
         for c, chunk in enumerate(chunks):
             # First pass: every factor's target log-probability, no graph, so that gamma is known.
-            joint, lw = self._chunk_scores(factors, log_w, targets, lambdas, chunk, stats, grad=False)
+            joint, lw = self._first_pass(factors, log_w, targets, lambdas, chunk, stats)
             counted = targets[0].chunk(chunk)[1]
             gamma = torch.softmax(joint, dim=-1)
             stats[self.n_heads, STAT_LOSS_SUM] -= (torch.logsumexp(joint, dim=-1) * counted).sum().double()
