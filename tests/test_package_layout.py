@@ -3,13 +3,14 @@
 The layers, lowest first (``LAYERS``):
 
     config < distributed < model < data < engines < training < checkpoint
-           < convert < inference < planner < {train, evaluate, generate} < testing
+           < convert < inference < codeeval < planner < {train, evaluate, evaluate_code, generate} < testing
 
 config is the schema, parsing and validation, and reads nothing but the YAML; the explicit step that opens a
 config's tokenizer, data files and DeepSpeed JSON is in train.py (``resolve_run_inputs``). Above checkpoint the
-order is the one the code has: convert reads checkpoints, inference decodes converted weights, the planner builds
-models on the meta device, the entry points (train.py, evaluate.py, generate.py: peers, none imports another) use
-any of those, and testing (helpers for the tests) may use anything. Test-only code lives in tests/.
+order is the one the code has: convert reads checkpoints, inference decodes converted weights, codeeval completes
+and scores code tasks with the decoder, the planner builds models on the meta device, the entry points (train.py,
+evaluate.py, evaluate_code.py, generate.py: peers, none imports another) use any of those, and testing (helpers for
+the tests) may use anything. Test-only code lives in tests/.
 
 Two checks: every ``import`` of the package, at the top of a module or inside a function, read from the source
 (``test_imports_go_down_the_layers``); and, in a fresh interpreter, importing every module of each layer in
@@ -41,8 +42,9 @@ LAYERS: List[Tuple[str, ...]] = [
     ("checkpoint",),
     ("convert",),
     ("inference",),
+    ("codeeval",),
     ("planner",),
-    ("train", "evaluate", "generate"),
+    ("train", "evaluate", "evaluate_code", "generate"),
     ("testing",),
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}

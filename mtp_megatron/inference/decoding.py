@@ -97,6 +97,38 @@ def greedy(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int,
     return torch.stack(out, dim=1), stats
 
 
+def sample(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, generator: torch.Generator | None = None, vocab_size: int | None = None,
+           prompt_lengths=None) -> tuple[torch.Tensor, DecodeStats]:
+    """[b, max_new_tokens] sampled continuation of ``prompt``: head 1's distribution at ``temperature``, cut to its
+    nucleus ``top_p`` (the fewest most likely tokens whose probability reaches top_p, Holtzman et al. 2020), one
+    token per forward. ``vocab_size``: draw only ids below it (the tokenizer's; the padded rows past it are never
+    trained targets). Temperature 0 is ``greedy``."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature {temperature} (give >= 0) or top_p {top_p} (give 0 < top_p <= 1) is invalid")
+    if temperature == 0:
+        return greedy(decoder, prompt, max_new_tokens, prompt_lengths)
+    start = time.perf_counter()
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:  # [b, V] -> [b]
+        logits = logits.float()[:, :vocab_size] / temperature
+        probs = torch.softmax(logits, dim=-1)
+        if top_p < 1:
+            ranked, order = probs.sort(dim=-1, descending=True)
+            ranked[ranked.cumsum(-1) - ranked >= top_p] = 0  # the mass before a token already reaches top_p
+            probs = torch.zeros_like(probs).scatter_(-1, order, ranked)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    lengths = _prompt_lengths(prompt, prompt_lengths)
+    logits, cache = _prefill(decoder, prompt, lengths, prompt.shape[1] + max_new_tokens - 1, heads=1)
+    out = [draw(logits[0])]
+    while len(out) < max_new_tokens:
+        out.append(draw(decoder.forward(out[-1][:, None], cache, heads=1)[0, :, -1]))
+    stats = DecodeStats(tokens=len(out), forwards=len(out), row_forwards=[len(out)] * prompt.shape[0],
+                        seconds=_elapsed(start, prompt.device))
+    return torch.stack(out, dim=1), stats
+
+
 @dataclass
 class _Active:
     """The rows still decoding, in the cache's order."""
