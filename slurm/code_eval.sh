@@ -8,7 +8,7 @@
 #   RUN_DIR=runs/13b WATCH=1 sbatch slurm/code_eval.sh
 #   RUN_DIR=runs/13b MBPP_FILE=/d/mbpp.jsonl EVAL_ARGS="--samples-per-task 20 --temperature 0.8" \
 #     sbatch slurm/code_eval.sh
-#   RUN_DIR=runs/quickstart EVAL_ARGS="--max-new-tokens 64 --device cpu" sbatch --gpus=0 slurm/code_eval.sh
+#   RUN_DIR=runs/quickstart EVAL_ARGS="--max-new-tokens 64 --device cpu" sbatch --gpus-per-node=0 slurm/code_eval.sh
 #
 # so the 128 training GPUs never wait for decoding. A checkpoint is evaluated once: its samples file,
 # RUN_DIR/code_eval/<iter_N>_<task>.jsonl, is the record that it was (delete it to evaluate again). Only complete
@@ -24,7 +24,7 @@
 #SBATCH --job-name=mtp-code-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --gpus=1
+#SBATCH --gpus-per-node=1
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail

@@ -181,3 +181,22 @@ def test_a_killed_rank_0_leaves_a_failed_run_state(cluster, tmp_path):
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text)
     state = run_state(run_dir)
     assert state["state"] == "failed" and "while the run was running" in state["reason"], (state, text)
+
+
+def test_code_eval_job_scores_each_checkpoint_once_next_to_the_losses(cluster, tmp_path, one_node_run):
+    """slurm/code_eval.sh on the finished run: HumanEval on its checkpoint, pass@1 in the run's metrics.jsonl at
+    the checkpoint's step; a second job finds nothing new to evaluate."""
+    env = {"RUN_DIR": one_node_run, "EVAL_ARGS": "--limit 2 --max-new-tokens 8 --device cpu", "OMP_NUM_THREADS": "1"}
+    jobs = []
+    for name in ("first", "second"):
+        job = cluster.sbatch(["--gpus-per-node=0", f"--output={tmp_path}/{name}-%j.out", "slurm/code_eval.sh"],
+                             env=env, cwd=REPO)
+        info = cluster.wait(job, JOB_TIMEOUT_S)
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log(tmp_path, name, job)
+        jobs.append(log(tmp_path, name, job))
+    samples = os.path.join(one_node_run, "code_eval", f"iter_{ITERS:07d}_humaneval.jsonl")
+    assert [json.loads(line)["task_id"] for line in open(samples)] == ["HumanEval/0", "HumanEval/1"]
+    with open(os.path.join(one_node_run, "metrics.jsonl")) as f:
+        logged = [r for r in map(json.loads, f) if "code/humaneval/pass@1" in r]
+    assert [r["step"] for r in logged] == [ITERS]
+    assert f"== iter_{ITERS:07d}: humaneval" in jobs[0] and "== iter_" not in jobs[1]
