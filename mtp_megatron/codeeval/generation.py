@@ -1,7 +1,8 @@
 """Completions of the tasks' prompts from our KV-cached decoder (mtp_megatron/inference/decoding.py): greedy,
 sampled, or greedy with the heads' speculative drafts (the same tokens as greedy).
 
-Prompts are decoded in batches of similar length (right-padded, each row at its own length). A prompt longer than
+Prompts are decoded in batches of similar length (right-padded, each row at its own length); speculative
+decoding takes them all and keeps ``batch_size`` rows decoding (continuous batching). A prompt longer than
 the model's context leaves room for the new tokens by dropping its oldest tokens (counted in the summary as
 ``truncated_prompts``: a model trained at a short context, like the CPU quickstart's, sees the end of the
 docstring; the room left for the speculative drafts is left in greedy decoding too, so both see the same
@@ -62,14 +63,17 @@ def generate_completions(decoder, tokenizer, problems: list[Problem], samples_pe
                   key=lambda job: len(prompts[job[0]]))
     generator = torch.Generator(device=decoder.device).manual_seed(seed)
     out: dict[tuple, dict] = {}
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
+    # Speculative decoding takes every job at once and keeps batch_size rows decoding, a waiting prompt joining as
+    # a row finishes (continuous batching: in fixed batches each batch runs as long as its slowest row).
+    step = len(jobs) if speculative_drafts else batch_size
+    for start in range(0, len(jobs), step):
+        batch = jobs[start : start + step]
         rows = [prompts[p] for p, _ in batch]
         width = max(len(ids) for ids in rows)
         padded = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows], device=decoder.device)
         lengths = [len(ids) for ids in rows]
         if speculative_drafts:
-            new, stats = speculative(decoder, padded, max_new_tokens, prompt_lengths=lengths)
+            new, stats = speculative(decoder, padded, max_new_tokens, prompt_lengths=lengths, batch_size=batch_size)
         elif temperature > 0:
             new, stats = sample(decoder, padded, max_new_tokens, temperature, top_p, generator,
                                 vocab_size=tokenizer.vocab_size, prompt_lengths=lengths)
