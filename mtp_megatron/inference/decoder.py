@@ -416,6 +416,14 @@ class MTPDecoder:
         wasted work where the design allows). The heads' cache layers are as many (causal) or as wide (stacked
         transformer / CP heads) as ``heads`` makes them, so fill one cache with one ``heads`` throughout (another
         fails to store)."""
+        return self.logits(*self.hidden_states(tokens, cache, heads))
+
+    @torch.no_grad()
+    def hidden_states(self, tokens: torch.Tensor, cache: KVCache,
+                      heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` up to the unembedding: the heads' hidden states [count, b, t, d] and the trunk output
+        [b, t, d], the cache filled as ``forward`` fills it. ``logits`` of any positions of them is ``forward``'s
+        there: speculative decoding unembeds heads 2..n at one position per row, the one it accepts."""
         place = self._place(tokens, cache)
         x = self.embedding[tokens]
         for i, layer in enumerate(self.trunk):
@@ -426,12 +434,16 @@ class MTPDecoder:
         if self.heads is not None:  # transformer, cp: the stacked head layers
             stack = self.heads if heads is None else self.heads.first(heads)
             hidden = self._head_layers(stack, x, len(self.trunk), cache, place)
-            logits = self._unembed(hidden) if self.cp_mixture is None else self._cp_log_probs(hidden, x)
         elif self.linear is not None:  # no attention, no cache: x @ W_k^T for every head at once
             b, t, d = x.shape
-            logits = self._unembed(torch.matmul(x.reshape(1, b * t, d), self.linear[:count].transpose(1, 2))
-                                   .view(count, b, t, d))
+            hidden = torch.matmul(x.reshape(1, b * t, d), self.linear[:count].transpose(1, 2)).view(count, b, t, d)
         else:
-            logits = self._unembed(self._chain_heads(x, count, cache, place))
+            hidden = self._chain_heads(x, count, cache, place)
         cache.lengths = [length + tokens.shape[1] for length in cache.lengths]
-        return logits
+        return hidden, x
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        """The heads' logits [count, ..., V] from their hidden states [count, ..., d] and the trunk output at the
+        same positions [..., d] (which CP's mixture weights read)."""
+        return self._unembed(hidden) if self.cp_mixture is None else self._cp_log_probs(hidden, trunk)

@@ -204,9 +204,9 @@ def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int, 
             _drop_finished(active, cache, max_new_tokens)
             continue
         block = torch.cat([active.token[:, None], active.drafts], dim=1)  # [a, n]: the certain token, the drafts
-        block_logits = decoder.forward(block, cache)  # [n heads, a, n positions, V]
+        hidden, trunk = decoder.hidden_states(block, cache)  # [n heads, a, n positions, d], [a, n, d]
         forwards += 1
-        greedy_next = block_logits[0].argmax(-1)  # [a, n]: plain greedy's token after block[:, :j+1]
+        greedy_next = decoder.logits(hidden[:1], trunk)[0].argmax(-1)  # [a, n]: greedy's token after block[:, :j+1]
         accepted = (block[:, 1:] == greedy_next[:, :-1]).long().cumprod(dim=1).sum(dim=1)  # [a]
         # The accepted drafts are greedy's tokens, so the row's new tokens are greedy_next[:, :accepted + 1].
         positions = torch.tensor(active.produced, device=device)[:, None] + block_position
@@ -215,7 +215,10 @@ def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int, 
         hits += (accepted[:, None] > draft_position).sum(dim=0)
         rows = torch.arange(len(active.produced), device=device)
         active.token = greedy_next[rows, accepted]
-        active.drafts = block_logits[1:, rows, accepted].argmax(-1).T
+        # Only the accepted position's drafts are read: the heads are unembedded there alone (all n of them, so
+        # that each keeps its own weights; head 1's row is not used).
+        at_accepted = decoder.logits(hidden[:, rows, accepted, None], trunk[rows, accepted, None])
+        active.drafts = at_accepted[1:, :, 0].argmax(-1).T
         counts = accepted.tolist()  # the one wait per forward: the host places the next block
         cache.crop([length - (n - 1 - count) for length, count in zip(cache.lengths, counts)])
         active.produced = [produced + count + 1 for produced, count in zip(active.produced, counts)]
