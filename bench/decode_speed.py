@@ -10,8 +10,10 @@ tokens both ways. Every row of a batch accepts its own drafts (inference/decodin
 tokens per forward (per row: its new tokens over the forwards it took part in, the prompt's forward counted), the
 acceptance rate of each draft position (head 2, 3, ...: accepted / tried, a position being tried only when every
 earlier draft was accepted), wall-clock time of each way, the speedup, and speedup / tokens per forward (how much
-of the saved forwards survive the verification cost: 1.0 would be free verification). Outputs must be identical
-both ways (the run fails otherwise). ``--device``/``--dtype`` as in ``python -m mtp_megatron.generate`` (auto: the
+of the saved forwards survive the verification cost: 1.0 would be free verification). Each batch size runs
+``--repeats`` rounds of greedy then speculative; the times are their medians, the speedup the ratio of the medians,
+and each round's speedup is listed (a small shared machine runs slower for seconds at a time: single rounds have
+read 0.9x to 1.7x for the same code at batch 8). Outputs must be identical both ways (the run fails otherwise). ``--device``/``--dtype`` as in ``python -m mtp_megatron.generate`` (auto: the
 GPU in bf16 when one is visible, else the CPU in fp32).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import statistics
 import sys
 import warnings
 
@@ -58,6 +61,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of greedy then speculative per batch size; the medians are reported")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto (default): cuda when a GPU is visible, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
@@ -86,23 +91,28 @@ def main() -> int:
           f"{next(name for name, d in DTYPES.items() if d == dtype)}, {torch.get_num_threads()} threads")
     speculative(decoder, prompts[:1], 8)  # warm-up
     print("| batch | tokens/forward | acceptance by draft position | greedy s | speculative s | speedup | "
-          "speedup / tokens per forward |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+          "speedup / tokens per forward | speedup by round |")
+    print("|---:|---:|---|---:|---:|---:|---:|---|")
     for batch in args.batch_sizes:
-        # Greedy in chunks of ``batch`` rows (every row takes the same forwards, so no row waits for another);
-        # speculative with ``batch`` rows at once, a waiting prompt joining as a row finishes.
-        plain_s, plain = 0.0, []
-        for chunk in prompts.split(batch):
-            tokens, plain_stats = greedy(decoder, chunk, args.new_tokens)
-            plain_s, plain = plain_s + plain_stats.seconds, plain + [tokens]
-        fast, stats = speculative(decoder, prompts, args.new_tokens, batch_size=batch)
-        if not torch.equal(torch.cat(plain), fast):
-            print("error: speculative output differs from greedy", file=sys.stderr)
-            return 1
+        plain_s, fast_s = [], []
+        for _ in range(args.repeats):  # alternately, so that a slow spell of the machine hits both ways
+            # Greedy in chunks of ``batch`` rows (every row takes the same forwards, so no row waits for another);
+            # speculative with ``batch`` rows at once, a waiting prompt joining as a row finishes.
+            seconds, plain = 0.0, []
+            for chunk in prompts.split(batch):
+                tokens, plain_stats = greedy(decoder, chunk, args.new_tokens)
+                seconds, plain = seconds + plain_stats.seconds, plain + [tokens]
+            fast, stats = speculative(decoder, prompts, args.new_tokens, batch_size=batch)
+            if not torch.equal(torch.cat(plain), fast):
+                print("error: speculative output differs from greedy", file=sys.stderr)
+                return 1
+            plain_s, fast_s = plain_s + [seconds], fast_s + [stats.seconds]
         rates = " / ".join(f"{rate:.2f}" for rate in stats.acceptance())
-        speedup = plain_s / stats.seconds
-        print(f"| {batch} | {stats.tokens_per_forward:.2f} | {rates} | {plain_s:.2f} | {stats.seconds:.2f} | "
-              f"{speedup:.2f}x | {speedup / stats.tokens_per_forward:.2f} |", flush=True)
+        speedup = statistics.median(plain_s) / statistics.median(fast_s)
+        rounds = ", ".join(f"{p / f:.2f}" for p, f in zip(plain_s, fast_s))
+        print(f"| {batch} | {stats.tokens_per_forward:.2f} | {rates} | {statistics.median(plain_s):.2f} | "
+              f"{statistics.median(fast_s):.2f} | {speedup:.2f}x | {speedup / stats.tokens_per_forward:.2f} | "
+              f"{rounds} |", flush=True)
     return 0
 
 

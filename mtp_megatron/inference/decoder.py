@@ -11,8 +11,9 @@ linear position interpolation (``model.rope_scaling_type``). Llama-shaped models
 [n, b, t, V]: head 1 is the next token, head i the token i-1 after it. What each design runs on the trunk output z
 (model/heads/), and what it keeps in the cache after the trunk's layers:
 
-* ``transformer``: head k's layer on z. The head layers run stacked, as one batched layer (``_HeadStack``): one
-  cache layer, holding the n head layers' keys and values side by side (each attends over z of all earlier
+* ``transformer``: head k's layer on z. The head layers run stacked, as one batched layer (``_HeadStack``: one
+  matmul gives every head's queries, keys and values, each head's input-norm weight folded into its projection):
+  one cache layer, holding the n head layers' keys and values side by side (each attends over z of all earlier
   positions).
 * ``linear``: z W_k^T for every head at once (one batched matmul); nothing cached for the heads.
 * ``causal``: the chain h_1 = layer_1(z), h_k = layer_k(h_{k-1}); ``anticausal``: h_n = layer_n(z), h_k =
@@ -22,6 +23,13 @@ linear position interpolation (``model.rope_scaling_type``). Llama-shaped models
   marginal log-probabilities log sum_a w_a softmax(unembed(u_s + (E_s u_s)_a)), log w = log_softmax(M z) (what
   training's ``CPHeads.logits`` gives, in at least fp32): their argmax is the head's most likely token, which is
   all greedy and speculative decoding read. Rank 1 is the transformer design (plain logits).
+
+``step(tokens, cache)`` runs the trunk and puts every head's keys and values into the cache; its
+``DecoderStep.hidden(positions, first, last)`` runs the rest of heads first+1..last only at the positions asked for
+(the stacked designs; the chained and linear ones run their heads at every position) and ``logits(hidden, trunk,
+first)`` unembeds them: a prompt's forward runs the heads at its last position alone. ``forward`` is ``step`` with
+every head at every position. Grouped-query attention reads the cached keys per group (SDPA's ``enable_gqa``),
+without copying them per query head.
 
 ``forward(..., heads=k)`` returns heads 1..k only and skips what they do not need: plain next-token decoding
 (``heads=1``) runs head 1's layer alone (transformer, cp: the stack's first layer, and at r > 1 the mixture and
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +124,25 @@ class KVCache:
             self.keys = [join(k, o) for k, o in zip(self.keys, other.keys)]
             self.values = [join(v, o) for v, o in zip(self.values, other.values)]
         self.lengths = self.lengths + other.lengths
+
+    def replace_rows(self, rows: list[int], other: "KVCache") -> None:
+        """Put ``other``'s rows in the places of rows ``rows`` (rows joining a running batch where finished ones
+        were), copying only theirs: dropping and appending (``keep_rows``, ``extend``) copies every row's cache."""
+        if len(rows) != len(other.lengths):
+            raise ValueError(f"{len(other.lengths)} rows cannot take the places of {len(rows)}")
+        if other.keys:
+            if len(other.keys) != len(self.keys):
+                raise ValueError(f"cannot put rows of a cache of {len(other.keys)} layers into one of {len(self.keys)}")
+            slots = other.keys[0].shape[2]
+            if self.keys[0].shape[2] < slots:
+                grow = slots - self.keys[0].shape[2]
+                self.keys = [F.pad(k, (0, 0, 0, grow)) for k in self.keys]
+                self.values = [F.pad(v, (0, 0, 0, grow)) for v in self.values]
+            index = torch.tensor(rows, dtype=torch.long, device=self.keys[0].device)
+            for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+                mine[index, :, :slots] = theirs  # the slots after theirs are stale: never attended to
+        for row, length in zip(rows, other.lengths):
+            self.lengths[row] = length
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
               span: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,32 +221,86 @@ class _Layer:
         self.norm1, self.norm2 = get("input_layernorm.weight"), get("pre_mlp_layernorm.weight")
 
 
+@dataclass
 class _HeadStack:
-    """The head layers stacked on a leading dimension [H, ...]: every head reads the same trunk output, so one
-    batched matmul runs all of them (decoding a small batch is bound by the number of ops, not their size). In the
-    cache the stack is one layer whose key/value heads are the H layers' side by side."""
+    """The stacked design's head layers (transformer, cp) on a leading dimension [H, ...]. Every head reads the same
+    trunk output z, so one matmul gives all heads' queries, keys and values: each head's input-norm weight is folded
+    into its q/k/v columns (RMSNorm's weight scales z's features, the same as scaling the columns that read them;
+    folded in at least fp32, then cast once). Batched matmuls run the rest of the layers (decoding a small batch is
+    bound by the number of ops, not their size). In the cache the stack is one layer whose key/value heads are the H
+    layers' side by side."""
 
-    NAMES = ("q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "o_bias", "gate", "up", "gate_bias", "up_bias",
-             "down", "down_bias", "norm1", "norm2")
+    count: int
+    qkv: torch.Tensor
+    """[H * (q_heads + 2 kv_heads) * head_dim, hidden]: head k's q, k, v rows in turn, head-major."""
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    norm2: torch.Tensor
+    parts: dict = field(default_factory=dict, repr=False, compare=False)
+    """``heads``' stacks, made once (each forward asks for the same ones)."""
 
-    def __init__(self, tensors: dict):
-        self.tensors = tensors
-        self.count = tensors["q"].shape[0]
+    STACKED = ("o", "o_bias", "gate", "gate_bias", "up", "up_bias", "down", "down_bias", "norm2")
 
     @classmethod
-    def of(cls, layers: list[_Layer]) -> "_HeadStack":
-        return cls({name: None if getattr(layers[0], name) is None else torch.stack([getattr(l, name) for l in layers])
-                    for name in cls.NAMES})
+    def of(cls, layers: list[_Layer], dtype: torch.dtype) -> "_HeadStack":
+        """``layers`` (read in at least fp32, for the fold) as a stack of ``dtype`` tensors."""
+        qkv = torch.cat([torch.cat([l.q, l.k, l.v]) * l.norm1 for l in layers])
+        qkv_bias = (None if layers[0].q_bias is None
+                    else torch.cat([torch.cat([l.q_bias, l.k_bias, l.v_bias]) for l in layers]).to(dtype))
+        stacked = {name: None if getattr(layers[0], name) is None
+                   else torch.stack([getattr(l, name) for l in layers]).to(dtype) for name in cls.STACKED}
+        return cls(len(layers), qkv.to(dtype), qkv_bias, **stacked)
 
-    def first(self, count: int) -> "_HeadStack":
-        """The first ``count`` heads (views, no copy)."""
-        return _HeadStack({name: None if t is None else t[:count] for name, t in self.tensors.items()})
+    def heads(self, first: int, last: int) -> "_HeadStack":
+        """Heads first+1 .. last (views, no copy)."""
+        if (first, last) not in self.parts:
+            rows = slice(self.qkv.shape[0] // self.count * first, self.qkv.shape[0] // self.count * last)
+            self.parts[first, last] = _HeadStack(
+                last - first, self.qkv[rows], None if self.qkv_bias is None else self.qkv_bias[rows],
+                **{name: None if getattr(self, name) is None else getattr(self, name)[first:last]
+                   for name in self.STACKED})
+        return self.parts[first, last]
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Each head's ``name`` projection of its input x [H, m, in] -> [H, m, out]."""
-        out = torch.bmm(x, self.tensors[name].transpose(1, 2))
-        bias = self.tensors[name + "_bias"]
+        """Each head's ``name`` projection of its input x [H, m, in] (or [1, m, in], the same for every head)
+        -> [H, m, out]."""
+        weight, bias = getattr(self, name), getattr(self, name + "_bias")
+        out = torch.matmul(x, weight.transpose(1, 2))
         return out if bias is None else out + bias[:, None]
+
+
+@dataclass
+class DecoderStep:
+    """One forward's trunk output with every head's keys and values in the cache: what is left of the heads' layers
+    runs where ``hidden`` asks for it. A prompt's forward (decoding.py ``_prefill``) needs the heads at each row's
+    last prompt position only: their cost then does not grow with the prompt."""
+
+    trunk: torch.Tensor
+    """[b, t, d] the trunk output at the forward's new tokens."""
+    count: int
+    """The heads this forward serves (``heads=``)."""
+    run: Callable[[torch.Tensor | None, int, int], torch.Tensor]
+    """(positions [b, m], or None for all, first, last) -> heads first+1 .. last's hidden states
+    [last - first, b, m, d]."""
+
+    def hidden(self, positions: torch.Tensor | None = None, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """Heads first+1 .. last's (default: all ``count``) hidden states [last - first, b, m, d] at row r's new
+        tokens ``positions[r]`` [b, m] (indices into this forward's tokens; default: all t of them)."""
+        last = self.count if last is None else last
+        if not 0 <= first < last <= self.count:
+            raise ValueError(f"heads {first + 1}..{last}: this forward serves heads 1..{self.count}")
+        return self.run(positions, first, last)
+
+    def trunk_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The trunk output [b, m, d] at row r's ``positions[r]`` [b, m] (CP's mixture weights read it)."""
+        return self.trunk[torch.arange(len(positions), device=positions.device)[:, None], positions]
 
 
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
@@ -284,12 +366,13 @@ class MTPDecoder:
             self.linear = torch.stack([_need(dense, f"mtp_heads.layers.{k}.weight", design)
                                        for k in range(self.n_heads)]).to(device=device, dtype=dtype)
         else:
-            layers = [_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype, device, design)
-                      for k in range(self.n_heads)]
-            if self.head_type in ("causal", "anticausal"):
-                self.chain = layers  # one after another: no stacking
-            else:
-                self.heads = _HeadStack.of(layers)
+            if self.head_type in ("causal", "anticausal"):  # one after another: no stacking
+                self.chain = [_Layer(cfg, dense, f"mtp_heads.layers.{k}.", dtype, device, design)
+                              for k in range(self.n_heads)]
+            else:  # read in at least fp32 for the stack's norm-weight fold
+                wide = torch.promote_types(dtype, torch.float32)
+                self.heads = _HeadStack.of([_Layer(cfg, dense, f"mtp_heads.layers.{k}.", wide, device, design)
+                                            for k in range(self.n_heads)], dtype)
         if self.cp_rank > 1:
             self.cp_mixture = _need(dense, "mtp_heads.cp_mixture.weight", f"{design} at cp_rank {self.cp_rank}").to(
                 device=device, dtype=dtype)  # [r, h]
@@ -322,6 +405,12 @@ class MTPDecoder:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    @staticmethod
+    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v: queries [b, Hq, t, d] over keys and values [b, Hkv, span, d], query
+        head j reading key head j // (Hq / Hkv): grouped-query attention without copying the cache per layer."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
     def _layer(self, layer: _Layer, x: torch.Tensor, index: int, cache: KVCache, place: _Placement) -> torch.Tensor:
         b, t, _ = x.shape
         h = self._norm(x, layer.norm1)
@@ -330,35 +419,46 @@ class MTPDecoder:
         v = F.linear(h, layer.v, layer.v_bias).view(b, t, self.heads_kv, self.head_dim).transpose(1, 2)
         q, k = self._rope(q, place.cos, place.sin), self._rope(k, place.cos, place.sin)
         k, v = cache.store(index, k, v, place.positions, place.span)
-        repeat = self.heads_q // self.heads_kv
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=place.mask)
+        attn = self._attention(q, k, v, place.mask)
         x = x + F.linear(attn.transpose(1, 2).reshape(b, t, -1), layer.o, layer.o_bias)
         h = self._norm(x, layer.norm2)
         mlp = F.silu(F.linear(h, layer.gate, layer.gate_bias)) * F.linear(h, layer.up, layer.up_bias)
         return x + F.linear(mlp, layer.down, layer.down_bias)
 
-    def _head_layers(self, heads: _HeadStack, x: torch.Tensor, index: int, cache: KVCache,
-                     place: _Placement) -> torch.Tensor:
-        """``_layer`` of every head in ``heads`` on the trunk output x [b, t, d] at once -> [H, b, t, d]."""
-        (b, t, d), count, hq, hkv, hd = x.shape, heads.count, self.heads_q, self.heads_kv, self.head_dim
-        w = heads.tensors
-        h = (self._norm(x, 1.0)[None] * w["norm1"][:, None, None]).view(count, b * t, d)
+    def _stack_step(self, stack: _HeadStack, x: torch.Tensor, index: int, cache: KVCache,
+                    place: _Placement) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+        """Every head's queries, keys and values in ``stack`` from the trunk output x [b, t, d] (one matmul), the keys
+        and values into cache layer ``index``; returns ``DecoderStep.run``, which runs the rest of the layers of the
+        heads asked for at the positions asked for."""
+        (b, t, d), count, hq, hkv, hd = x.shape, stack.count, self.heads_q, self.heads_kv, self.head_dim
+        qkv = F.linear(self._norm(x, 1.0), stack.qkv, stack.qkv_bias).view(b, t, count, hq + 2 * hkv, hd)
+        q, k, v = qkv.split([hq, hkv, hkv], dim=3)
+        cos, sin = (table.transpose(1, 2)[:, :, None] for table in (place.cos, place.sin))  # [b, t, 1, 1, hd]
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
 
-        def split(y, per_head):  # [H, b*t, per_head*hd] -> [b, H*per_head, t, hd]
-            return y.view(count, b, t, per_head, hd).permute(1, 0, 3, 2, 4).reshape(b, count * per_head, t, hd)
+        def heads_side_by_side(y):  # [b, t, H, hkv, hd] -> [b, H*hkv, t, hd], the cache's layout
+            return y.reshape(b, t, count * hkv, hd).transpose(1, 2)
 
-        q, k, v = split(heads.linear(h, "q"), hq), split(heads.linear(h, "k"), hkv), split(heads.linear(h, "v"), hkv)
-        q, k = self._rope(q, place.cos, place.sin), self._rope(k, place.cos, place.sin)
-        k, v = cache.store(index, k, v, place.positions, place.span)
-        repeat = hq // hkv  # head-major: the H layers' query groups each meet their own layer's keys
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=place.mask)  # [b, H*hq, t, hd]
-        attn = attn.view(b, count, hq, t, hd).permute(1, 0, 3, 2, 4).reshape(count, b * t, hq * hd)
-        x = x.reshape(1, b * t, d) + heads.linear(attn, "o")
-        h = self._norm(x, w["norm2"][:, None])
-        mlp = F.silu(heads.linear(h, "gate")) * heads.linear(h, "up")
-        return (x + heads.linear(mlp, "down")).view(count, b, t, d)
+        keys, values = cache.store(index, heads_side_by_side(k), heads_side_by_side(v), place.positions, place.span)
+
+        def run(positions: torch.Tensor | None, first: int, last: int) -> torch.Tensor:
+            heads, queries, mask, residual = last - first, q[:, :, first:last], place.mask, x
+            if positions is not None:  # row r's positions[r] only
+                rows = torch.arange(b, device=x.device)[:, None]
+                queries, residual = queries[rows, positions], x[rows, positions]
+                mask = mask[:, 0][rows, positions][:, None]
+            m = queries.shape[1]
+            queries = queries.permute(0, 2, 3, 1, 4).reshape(b, heads * hq, m, hd)
+            kv = slice(first * hkv, last * hkv)
+            attn = self._attention(queries, keys[:, kv], values[:, kv], mask)  # each head's groups meet its keys
+            attn = attn.view(b, heads, hq, m, hd).permute(1, 0, 3, 2, 4).reshape(heads, b * m, hq * hd)
+            part = stack.heads(first, last)
+            y = residual.reshape(1, b * m, d) + part.linear(attn, "o")
+            h = self._norm(y, part.norm2[:, None])
+            mlp = F.silu(part.linear(h, "gate")) * part.linear(h, "up")
+            return (y + part.linear(mlp, "down")).view(heads, b, m, d)
+
+        return run
 
     def _place(self, tokens: torch.Tensor, cache: KVCache) -> _Placement:
         """Row r's new tokens take positions ``cache.lengths[r]`` on."""
@@ -372,7 +472,8 @@ class MTPDecoder:
         span = cache.length + t
         # Row r's query i (position start_r + i) sees that row's keys 0 .. start_r + i: never a stale slot after
         # the row's length, which a longer row's span includes.
-        mask = torch.arange(span, device=tokens.device) <= positions[:, :, None]
+        visible = torch.arange(span, device=tokens.device) <= positions[:, :, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~visible, -math.inf)
         return _Placement(positions, span, mask[:, None], *self._rope_tables(positions))
 
     def _unembed(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -389,14 +490,15 @@ class MTPDecoder:
             hidden = out[head] = self._layer(self.chain[head], hidden, len(self.trunk) + step, cache, place)
         return torch.stack([out[head] for head in range(count)])
 
-    def _cp_log_probs(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _cp_log_probs(self, u: torch.Tensor, x: torch.Tensor, first: int = 0) -> torch.Tensor:
         """CP heads' marginal log-probabilities log sum_a w_a softmax(unembed(u_s + (E_s u_s)_a)) [H, b, t, V] from
-        the first H heads' layer outputs u [H, b, t, d] and the trunk output x [b, t, d] (log w = log_softmax(M x));
-        at least fp32 (training's CPHeads.logits)."""
+        heads first+1 .. first+H's layer outputs u [H, b, t, d] and the trunk output x [b, t, d] (log w =
+        log_softmax(M x)); at least fp32 (training's CPHeads.logits)."""
         (count, b, t, d), r = u.shape, self.cp_rank
         dtype = torch.promote_types(self.dtype, torch.float32)
         log_w = torch.log_softmax((x @ self.cp_mixture.T).to(dtype), dim=-1)  # [b, t, r]
-        expanded = torch.bmm(u.view(count, b * t, d), self.cp_expand[:count].transpose(1, 2)).view(count, b, t, r, d)
+        expand = self.cp_expand[first:first + count]  # [H, r*h, h]: these heads' own
+        expanded = torch.bmm(u.view(count, b * t, d), expand.transpose(1, 2)).view(count, b, t, r, d)
         out = None
         for a in range(r):  # one component's logits alive at a time
             normed = self._norm(u + expanded[..., a, :], self.final_norm)
@@ -422,28 +524,41 @@ class MTPDecoder:
     def hidden_states(self, tokens: torch.Tensor, cache: KVCache,
                       heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` up to the unembedding: the heads' hidden states [count, b, t, d] and the trunk output
-        [b, t, d], the cache filled as ``forward`` fills it. ``logits`` of any positions of them is ``forward``'s
-        there: speculative decoding unembeds heads 2..n at one position per row, the one it accepts."""
+        [b, t, d], the cache filled as ``forward`` fills it."""
+        step = self.step(tokens, cache, heads)
+        return step.hidden(), step.trunk
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: KVCache, heads: int | None = None) -> DecoderStep:
+        """The trunk over the new tokens [b, t] and every head's keys and values into the cache; the heads' hidden
+        states at the positions asked for come from the returned step (``DecoderStep.hidden``; ``logits`` of them
+        is ``forward``'s there). The stacked designs (transformer, cp) run a head's attention and MLP only where
+        it is asked for; the others run their heads at every position here (their chains need them)."""
+        count = self.n_heads if heads is None else heads
+        if not 1 <= count <= self.n_heads:
+            raise ValueError(f"heads={heads}: give 1 to {self.n_heads} (the model's heads), or None for all")
         place = self._place(tokens, cache)
         x = self.embedding[tokens]
         for i, layer in enumerate(self.trunk):
             x = self._layer(layer, x, i, cache, place)
-        count = self.n_heads if heads is None else heads
-        if not 1 <= count <= self.n_heads:
-            raise ValueError(f"heads={heads}: give 1 to {self.n_heads} (the model's heads), or None for all")
         if self.heads is not None:  # transformer, cp: the stacked head layers
-            stack = self.heads if heads is None else self.heads.first(heads)
-            hidden = self._head_layers(stack, x, len(self.trunk), cache, place)
-        elif self.linear is not None:  # no attention, no cache: x @ W_k^T for every head at once
-            b, t, d = x.shape
-            hidden = torch.matmul(x.reshape(1, b * t, d), self.linear[:count].transpose(1, 2)).view(count, b, t, d)
+            run = self._stack_step(self.heads.heads(0, count), x, len(self.trunk), cache, place)
         else:
-            hidden = self._chain_heads(x, count, cache, place)
+            if self.linear is not None:  # no attention, no cache: x @ W_k^T for every head at once
+                b, t, d = x.shape
+                hidden = torch.matmul(x.reshape(1, b * t, d), self.linear[:count].transpose(1, 2)).view(count, b, t, d)
+            else:
+                hidden = self._chain_heads(x, count, cache, place)
+
+            def run(positions, first, last):
+                if positions is None:
+                    return hidden[first:last]
+                return hidden[first:last, torch.arange(len(positions), device=x.device)[:, None], positions]
         cache.lengths = [length + tokens.shape[1] for length in cache.lengths]
-        return hidden, x
+        return DecoderStep(x, count, run)
 
     @torch.no_grad()
-    def logits(self, hidden: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
-        """The heads' logits [count, ..., V] from their hidden states [count, ..., d] and the trunk output at the
-        same positions [..., d] (which CP's mixture weights read)."""
-        return self._unembed(hidden) if self.cp_mixture is None else self._cp_log_probs(hidden, trunk)
+    def logits(self, hidden: torch.Tensor, trunk: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Heads first+1 .. first+count's logits [count, ..., V] from their hidden states [count, ..., d] and the
+        trunk output at the same positions [..., d] (which CP's mixture weights read)."""
+        return self._unembed(hidden) if self.cp_mixture is None else self._cp_log_probs(hidden, trunk, first)

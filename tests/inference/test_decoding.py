@@ -54,6 +54,36 @@ def test_cached_steps_equal_one_forward(untrained):
     assert torch.allclose(decoder.forward(tokens[:, 12:], cache), whole[:, :, 12:], atol=1e-10, rtol=0)
 
 
+def test_stacked_heads_run_only_where_asked(untrained):
+    """After ``step`` has cached every head's keys and values, the heads' attention and MLP run at the positions
+    asked for only: speculative decoding's prefill runs them at each prompt's last position (all it drafts from),
+    so their cost does not grow with the prompt."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, dense = untrained
+    decoder = MTPDecoder(cfg, dense, torch.float64)
+    tokens = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
+    step = decoder.step(tokens, KVCache())
+    flops = []
+    for positions in (torch.tensor([[19], [4], [11]]), None):  # one position per row, then all 20
+        with FlopCounterMode(display=False) as counter:
+            step.hidden(positions)
+        flops.append(counter.get_total_flops())
+    assert 0 < flops[0] and flops[1] == 20 * flops[0], flops
+    heads_cost = []
+    for length in (10, 20):  # the prefill, less its trunk and keys/values: its heads' layers and unembedding
+        costs = []
+        for run in (lambda: speculative(decoder, tokens[:, :length], 1), lambda: decoder.step(tokens[:, :length],
+                                                                                             KVCache())):
+            with FlopCounterMode(display=False) as counter:
+                run()
+            costs.append(counter.get_total_flops())
+        heads_cost.append(costs[0] - costs[1])
+    # Twice the prompt: nothing of it grows but the heads' one query per row attending over twice the keys (which
+    # torch's counter does not count for the CPU attention kernel); at every position it would cost twice as much.
+    assert 0 < heads_cost[0] <= heads_cost[1] < 1.1 * heads_cost[0], heads_cost
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_speculative_equals_greedy(trained, untrained, batch):
     cfg, dense = native.read_checkpoint(trained)

@@ -28,7 +28,7 @@ def test_decoder_keeps_weights_and_its_tensors_on_its_device(trained):
     cfg, dense = native.read_checkpoint(trained)  # on the CPU
     decoder = MTPDecoder(cfg, dense, torch.bfloat16, device="meta")
     assert decoder.embedding.device.type == decoder.output.device.type == decoder.trunk[0].q.device.type == "meta"
-    assert decoder.heads.tensors["down"].dtype == torch.bfloat16
+    assert decoder.heads.down.dtype == decoder.heads.qkv.dtype == torch.bfloat16
     cache = KVCache()
     first = decoder.forward(torch.zeros(2, 5, dtype=torch.long, device="meta"), cache)
     second = decoder.forward(torch.zeros(2, 3, dtype=torch.long, device="meta"), cache)  # after the cache

@@ -97,6 +97,25 @@ def test_cached_steps_equal_one_forward(design):
         decoder.forward(tokens[:, :1], KVCache(), heads=n + 1)
 
 
+def test_heads_at_chosen_positions_equal_the_full_forward(design):
+    """``MTPDecoder.step`` then ``DecoderStep.hidden`` at a few positions per row, of a range of heads, is the full
+    forward there, logits included (CP's heads 2..n read their own expansion weights: ``logits(first=1)``)."""
+    name, cfg, dense, _ = design
+    decoder, n = MTPDecoder(cfg, dense, torch.float64), cfg.mtp.n_heads
+    whole = decoder.forward(PROMPT, KVCache())  # [n, b, t, V]
+    step = decoder.step(PROMPT, KVCache())
+    positions = torch.tensor([[29, 3], [0, 17]])  # row r's tokens positions[r]
+    rows = torch.arange(2)[:, None]
+    for first, last in ((0, n), (0, 1), (1, n), (n - 1, n)):
+        hidden = step.hidden(positions, first, last)
+        assert hidden.shape == (last - first, 2, 2, cfg.model.hidden_size), (name, first, last)
+        logits = decoder.logits(hidden, step.trunk_at(positions), first=first)
+        assert torch.allclose(logits, whole[first:last, rows, positions], atol=1e-10, rtol=0), (name, first, last)
+    assert torch.allclose(decoder.logits(step.hidden(), step.trunk), whole, atol=1e-10, rtol=0), name
+    with pytest.raises(ValueError, match=f"heads 2..1: this forward serves heads 1..{n}"):
+        step.hidden(positions, 1, 1)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_speculative_equals_greedy(design, batch):
     name, cfg, dense, _ = design
