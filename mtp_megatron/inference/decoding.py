@@ -14,9 +14,10 @@ rows decode at once and a waiting prompt joins as soon as a row leaves (continuo
 its rows' mean pace, not its slowest row's, which at batch 8 cost a third of the forwards. Waiting prompts are
 prefilled ``batch_size`` at a time, in one forward that runs the heads at each prompt's last position only, and
 join one by one from there (a prefill per joining row cost a fifth of the time at batch 8), each taking a finished
-row's place in the cache (``KVCache.replace_rows``: only its own rows are copied). Prompts of different lengths come right-padded, with ``prompt_lengths``. Each
-row's output is its greedy output; in fp32 the batch's matrix shapes differ from a lone row's, so a near-tie may
-round to another argmax (as it may for plain greedy at another batch size).
+row's place in the cache (``KVCache.replace_rows``: only its own rows are copied). Prompts of different lengths
+come right-padded, with ``prompt_lengths``. Each row's output is its greedy output; in fp32 the batch's matrix
+shapes differ from a lone row's, so a near-tie may round to another argmax (as it may for plain greedy at another
+batch size).
 """
 
 from __future__ import annotations
