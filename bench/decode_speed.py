@@ -13,8 +13,9 @@ earlier draft was accepted), wall-clock time of each way, the speedup, and speed
 of the saved forwards survive the verification cost: 1.0 would be free verification). Each batch size runs
 ``--repeats`` rounds of greedy then speculative; the times are their medians, the speedup the ratio of the medians,
 and each round's speedup is listed (a small shared machine runs slower for seconds at a time: single rounds have
-read 0.9x to 1.7x for the same code at batch 8). Outputs must be identical both ways (the run fails otherwise). ``--device``/``--dtype`` as in ``python -m mtp_megatron.generate`` (auto: the
-GPU in bf16 when one is visible, else the CPU in fp32).
+read 0.9x to 1.7x for the same code at batch 8). Outputs must be identical both ways (the run fails otherwise).
+``--device``/``--dtype`` as in ``python -m mtp_megatron.generate`` (auto: the GPU in bf16 when one is visible, else
+the CPU in fp32).
 """
 
 from __future__ import annotations
