@@ -269,10 +269,9 @@ class _HeadStack:
         return self.parts[first, last]
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Each head's ``name`` projection of its input x [H, m, in] (or [1, m, in], the same for every head)
-        -> [H, m, out]."""
+        """Each head's ``name`` projection of its input x [H, m, in] -> [H, m, out]."""
         weight, bias = getattr(self, name), getattr(self, name + "_bias")
-        out = torch.matmul(x, weight.transpose(1, 2))
+        out = torch.bmm(x, weight.transpose(1, 2))
         return out if bias is None else out + bias[:, None]
 
 

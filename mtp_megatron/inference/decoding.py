@@ -160,9 +160,11 @@ class _Active:
         self.token, self.drafts = torch.cat([self.token, first]), torch.cat([self.drafts, drafts])
 
     def replace(self, indices: list[int], other: "_Active") -> None:
-        """Rows ``other`` (their caches put in place by the caller) take the places ``indices`` of finished rows."""
-        index = torch.tensor(indices, dtype=torch.long, device=self.token.device)
-        self.row_index[index], self.token[index], self.drafts[index] = other.row_index, other.token, other.drafts
+        """``other``'s first rows (their caches put in place by the caller) take the places ``indices`` of finished
+        rows."""
+        index, count = torch.tensor(indices, dtype=torch.long, device=self.token.device), len(indices)
+        self.row_index[index], self.token[index] = other.row_index[:count], other.token[:count]
+        self.drafts[index] = other.drafts[:count]
         for i, row, produced in zip(indices, other.rows, other.produced):
             self.rows[i], self.produced[i] = row, produced
 
@@ -251,9 +253,7 @@ def _retire_finished(active: _Active, cache: KVCache, max_new_tokens: int, ready
         count = min(len(finished), len(ready.rows))
         if not count:
             break
-        joining = _Active(ready.rows[:count], ready.row_index[:count], ready.produced[:count], ready.token[:count],
-                          ready.drafts[:count])
-        active.replace(finished[:count], joining)
+        active.replace(finished[:count], ready)
         cache.replace_rows(finished[:count], ready_cache.take_first(count))
         ready.keep(list(range(count, len(ready.rows))))
     unfinished = [i for i, produced in enumerate(active.produced) if produced < max_new_tokens]
