@@ -17,6 +17,11 @@ CPU equivalent:
 * ``get_default_causal_mask`` (attention without an explicit mask) allocates on ``device="cuda"``. The mode above
   would rewrite that, but torch function modes are not active inside autograd's backward, where the MTP heads run
   their forward in the sequential order: the function is replaced by a CPU one.
+
+The mode is active from ``apply`` (``init_distributed``) to ``release_mode`` (``destroy_distributed``), the life of
+a megatron-core world; the other patches stay for the life of the process. Left on after a checkpoint read, the
+mode's Python hook on every torch call made plain CPU decoding 1.5x slower (docs/benchmarks.md section 6) and would
+turn a later ``device="cuda"`` into a CPU tensor without a word.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _applied = False
+_mode = None
+"""The ``_CudaToCpuMode`` while it is active."""
 
 
 def _is_cuda_device(device) -> bool:
@@ -57,12 +64,27 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 def apply() -> None:
-    """Install the CPU patches once per process. Idempotent."""
-    global _applied
-    if _applied:
-        return
-    _applied = True
+    """Install the CPU patches once per process, and enter the mode if it is not active. Idempotent."""
+    global _applied, _mode
+    if not _applied:
+        _applied = True
+        _patch()
+    if _mode is None:
+        _mode = _CudaToCpuMode()
+        _mode.__enter__()
 
+
+def release_mode() -> None:
+    """Leave the mode (the world that needed it is gone). A mode entered after ours is on top of the stack, and
+    leaving ours would pop that one instead: then ours stays (slower, never wrong)."""
+    global _mode
+    if _mode is not None and torch.overrides._get_current_function_mode() is _mode:
+        _mode.__exit__(None, None, None)
+        _mode = None
+
+
+def _patch() -> None:
+    """The patches other than the mode, for the life of the process."""
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
@@ -82,9 +104,6 @@ def apply() -> None:
         return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
 
     fused_softmax.get_default_causal_mask = causal_mask_on_cpu
-
-    # Entered for the life of the process: the patched calls happen deep inside megatron-core.
-    _CudaToCpuMode().__enter__()
 
 
 def transformer_config_overrides() -> dict:

@@ -144,8 +144,12 @@ def init_distributed(parallel: ParallelConfig, device_preference: str, seed: int
 
 
 def destroy_distributed() -> None:
-    """Undo ``init_distributed``: megatron's parallel state, and the world group if it created that."""
+    """Undo ``init_distributed``: megatron's parallel state, the world group if it created that, and the CPU
+    patches' torch function mode (distributed/cpu_compat.py), which is for megatron-core's code only."""
     global _owns_world_group
+    compat = sys.modules.get("mtp_megatron.distributed.cpu_compat")  # never imported on GPU runs
+    if compat is not None:
+        compat.release_mode()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized() and _owns_world_group:
