@@ -68,8 +68,9 @@ def resolve_device(preference: str) -> torch.device:
 
 def _refuse_cuda_after_cpu_compat() -> None:
     """RuntimeError if this process has applied the CPU patches (distributed/cpu_compat.py): their torch function
-    mode rewrites every CUDA device to CPU for the rest of the process, so a CUDA run would silently run on CPU.
-    Checked without importing cpu_compat (importing it is harmless, but a GPU run never does)."""
+    mode rewrites every CUDA device to CPU while a CPU world lives, and the rest (``torch.cuda.current_device``
+    returning "cpu", the CUDA RNG routed to the CPU generator) stay for the process, so a CUDA run would silently
+    run wrong. Checked without importing cpu_compat (importing it is harmless, but a GPU run never does)."""
     compat = sys.modules.get("mtp_megatron.distributed.cpu_compat")
     if compat is not None and getattr(compat, "_applied", False):
         raise RuntimeError("the CPU compatibility patches (mtp_megatron/distributed/cpu_compat.py) are active in "
