@@ -117,23 +117,18 @@ def test_no_cuda_world_after_the_cpu_patches():
         "except RuntimeError as error:\n"
         "    print('refused:', error)\n"
     )
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "refused:" in result.stdout and "CPU compatibility patches" in result.stdout, result.stdout
+    stdout = _fresh_process(script)
+    assert "refused:" in stdout and "CPU compatibility patches" in stdout, stdout
 
 
 def test_reading_a_checkpoint_on_the_cpu_leaves_no_patch_on_later_torch_calls(trained):
     """A fresh process reads a checkpoint on the CPU (what generate, evaluate and the benchmarks do before decoding):
-    the CPU patches' torch function mode is left behind with the megatron-core world it served. Left on, it hooked
-    every later torch call (plain decoding 1.5x slower) and turned ``device="cuda"`` into a CPU tensor."""
+    the CPU patches' torch function mode ends with the megatron-core world it served. Left on, it hooked every later
+    torch call (plain decoding 1.3-1.9x slower) and turned ``device="cuda"`` into a CPU tensor."""
     script = (
         "import sys, torch\n"
         "from mtp_megatron.convert.formats import read_any\n"
-        f"cfg, dense, _ = read_any({trained!r}, device='cpu')\n"
+        "cfg, dense, _ = read_any(sys.argv[1], device='cpu')\n"
         "print('modes:', len(torch.overrides._get_current_function_mode_stack()))\n"
         "try:\n"
         "    print('cuda tensor on:', torch.zeros(1, device='cuda').device)\n"
@@ -142,15 +137,21 @@ def test_reading_a_checkpoint_on_the_cpu_leaves_no_patch_on_later_torch_calls(tr
         "cfg, dense, _ = read_any(sys.argv[1], device='cpu')  # a second read enters and leaves the mode again\n"
         "print('modes after a second read:', len(torch.overrides._get_current_function_mode_stack()))\n"
     )
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    # CUDA_VISIBLE_DEVICES="": also on a machine with a GPU, a real CUDA tensor must not be possible.
+    stdout = _fresh_process(script, trained, CUDA_VISIBLE_DEVICES="")
+    assert "modes: 0" in stdout and "cuda refused" in stdout, stdout
+    assert "modes after a second read: 0" in stdout, stdout
+
+
+def _fresh_process(script: str, *args: str, **env_overrides: str) -> str:
+    """The stdout of ``python -c script args`` in a fresh process outside any launcher's world (exit 0 asserted)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **env_overrides}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # also on a machine with a GPU: a real CUDA tensor must not be possible
-    result = subprocess.run([sys.executable, "-c", script, trained], cwd=REPO, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "modes: 0" in result.stdout and "cuda refused" in result.stdout, result.stdout
-    assert "modes after a second read: 0" in result.stdout, result.stdout
+    return result.stdout
 
 
 def _exit_and_stdout(main, *args: str) -> tuple[int, str]:
