@@ -20,8 +20,8 @@ CPU equivalent:
 
 The mode is active from ``apply`` (``init_distributed``) to ``release_mode`` (``destroy_distributed``), the life of
 a megatron-core world; the other patches stay for the life of the process. Left on after a checkpoint read, the
-mode's Python hook on every torch call made plain CPU decoding 1.5x slower (docs/benchmarks.md section 6) and would
-turn a later ``device="cuda"`` into a CPU tensor without a word.
+mode's Python hook on every torch call made plain CPU decoding 1.3-1.9x slower (docs/benchmarks.md section 6) and
+turned a later ``device="cuda"`` into a CPU tensor without a word.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def apply() -> None:
 
 
 def release_mode() -> None:
-    """Leave the mode (the world that needed it is gone). A mode entered after ours is on top of the stack, and
-    leaving ours would pop that one instead: then ours stays (slower, never wrong)."""
+    """Leave the mode (the world that needed it is gone). A mode entered after ours and still open is on top of the
+    stack, and leaving ours would pop that one instead: then ours stays on, as it always did before (CUDA devices
+    still mapped to the CPU; a CUDA world is refused either way, distributed/parallel.py)."""
     global _mode
     if _mode is not None and torch.overrides._get_current_function_mode() is _mode:
         _mode.__exit__(None, None, None)

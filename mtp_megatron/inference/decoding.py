@@ -216,7 +216,8 @@ def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int, 
             continue
         block = torch.cat([active.token[:, None], active.drafts], dim=1)  # [a, n]: the certain token, the drafts
         # Every head at every block position in one pass: heads 2..n at the accepted position alone (a second pass
-        # after head 1, DecoderStep.hidden) measured 1-4% slower at batch 8 on the CPU, from its extra ops.
+        # after head 1, DecoderStep.hidden) measured no faster at batch 8 on the CPU (its extra ops cost what its
+        # smaller attention and MLP save; docs/benchmarks.md section 6).
         hidden, trunk = decoder.hidden_states(block, cache)  # [n heads, a, n positions, d], [a, n, d]
         forwards += 1
         greedy_next = decoder.logits(hidden[:1], trunk)[0].argmax(-1)  # [a, n]: greedy's token after block[:, :j+1]
