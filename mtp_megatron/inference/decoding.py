@@ -133,46 +133,43 @@ def sample(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int, tempe
 
 @dataclass
 class _Active:
-    """The rows still decoding, in the cache's order."""
+    """The rows still decoding, in the cache's order, kept on the host: each forward's counts, tokens and drafts
+    come back in one copy, and the bookkeeping between forwards is Python on short lists. That is about 10 device
+    ops between two forwards instead of about 22 (each a kernel launch on a GPU); on the CPU both measured the same
+    speed."""
 
-    rows: list
+    rows: list = field(default_factory=list)
     """Their indices in the batch."""
-    row_index: torch.Tensor
-    """The same on the device."""
-    produced: list
-    """How many new tokens each has."""
-    token: torch.Tensor
-    """[a] each one's last token, not yet in the cache: the next block starts with it."""
-    drafts: torch.Tensor
-    """[a, n-1] heads 2..n's drafts of the tokens after it."""
+    token: list = field(default_factory=list)
+    """Each one's last token, not yet in the cache: the next block starts with it."""
+    drafts: list = field(default_factory=list)
+    """Each one's n-1 drafts (heads 2..n) of the tokens after it."""
 
-    @classmethod
-    def none(cls, drafts: int, device: torch.device) -> "_Active":
-        """No rows yet."""
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return cls([], empty, [], empty, empty.view(0, drafts))
+    def block(self, device: torch.device) -> torch.Tensor:
+        """[a, n] each row's certain token, then its drafts: the next forward's tokens."""
+        return torch.tensor([[token, *drafts] for token, drafts in zip(self.token, self.drafts)], device=device)
 
-    def join(self, rows: list[int], first: torch.Tensor, drafts: torch.Tensor) -> None:
+    def join(self, rows: list[int], token: list, drafts: list) -> None:
         """Rows ``rows`` of the batch join (their caches appended by the caller), with their first tokens and
         drafts."""
-        self.rows, self.produced = self.rows + rows, self.produced + [1] * len(rows)
-        self.row_index = torch.cat([self.row_index, torch.tensor(rows, device=self.row_index.device)])
-        self.token, self.drafts = torch.cat([self.token, first]), torch.cat([self.drafts, drafts])
+        self.rows, self.token, self.drafts = self.rows + rows, self.token + token, self.drafts + drafts
+
+    def take_first(self, count: int) -> "_Active":
+        """Remove the first ``count`` rows and return them."""
+        taken = _Active(self.rows[:count], self.token[:count], self.drafts[:count])
+        self.rows, self.token, self.drafts = self.rows[count:], self.token[count:], self.drafts[count:]
+        return taken
 
     def replace(self, indices: list[int], other: "_Active") -> None:
-        """``other``'s first rows (their caches put in place by the caller) take the places ``indices`` of finished
+        """``other``'s rows (their caches put in place by the caller) take the places ``indices`` of finished
         rows."""
-        index, count = torch.tensor(indices, dtype=torch.long, device=self.token.device), len(indices)
-        self.row_index[index], self.token[index] = other.row_index[:count], other.token[:count]
-        self.drafts[index] = other.drafts[:count]
-        for i, row, produced in zip(indices, other.rows, other.produced):
-            self.rows[i], self.produced[i] = row, produced
+        for i, row, token, drafts in zip(indices, other.rows, other.token, other.drafts):
+            self.rows[i], self.token[i], self.drafts[i] = row, token, drafts
 
     def keep(self, indices: list[int]) -> None:
         """Keep only the rows at ``indices`` (their cache rows are the caller's to keep)."""
-        index = torch.tensor(indices, dtype=torch.long, device=self.token.device)
-        self.row_index, self.token, self.drafts = self.row_index[index], self.token[index], self.drafts[index]
-        self.rows, self.produced = [self.rows[i] for i in indices], [self.produced[i] for i in indices]
+        self.rows = [self.rows[i] for i in indices]
+        self.token, self.drafts = [self.token[i] for i in indices], [self.drafts[i] for i in indices]
 
 
 def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int, prompt_lengths=None,
@@ -188,76 +185,72 @@ def speculative(decoder: MTPDecoder, prompt: torch.Tensor, max_new_tokens: int, 
     lengths = _prompt_lengths(prompt, prompt_lengths)
     # A row's last forward starts after its prompt and all but one of at most max_new_tokens - 1 tokens.
     slots = prompt.shape[1] + max_new_tokens + n - 2
-    # Each forward writes a row's whole block of head-1 tokens after what it has; only the accepted ones stay.
-    out = torch.zeros(b, max_new_tokens + n - 1, dtype=torch.long, device=device)
-    active, cache = _Active.none(n - 1, device), KVCache()
-    ready, ready_cache = _Active.none(n - 1, device), KVCache()  # prefilled, waiting to join
+    out = [[] for _ in range(b)]  # each row's new tokens
+    active, cache = _Active(), KVCache()
+    ready, ready_cache = _Active(), KVCache()  # prefilled, waiting to join
     waiting = list(range(b))
     row_forwards, forwards = [1] * b, 0
-    tried = torch.zeros(n - 1, dtype=torch.long, device=device)
-    hits = torch.zeros(n - 1, dtype=torch.long, device=device)
-    draft_position = torch.arange(n - 1, device=device)
-    block_position = torch.arange(n, device=device)
-    while active.produced or ready.rows or waiting:
-        if (waiting or ready.rows) and len(active.produced) < batch_size:
+    tried, hits = [0] * (n - 1), [0] * (n - 1)
+    while active.rows or ready.rows or waiting:
+        if (waiting or ready.rows) and len(active.rows) < batch_size:
             if not ready.rows:  # one forward prefills the next batch_size prompts; they join as rows leave
                 rows, waiting = waiting[:batch_size], waiting[batch_size:]
                 index = torch.tensor(rows, device=device)
                 width = max(lengths[r] for r in rows)
                 logits, ready_cache = _prefill(decoder, prompt[index, :width], [lengths[r] for r in rows], slots)
                 forwards += 1
-                out[index, 0] = logits[0].argmax(-1)  # the prompt's forward yields a row's first token
-                ready = _Active(rows, index, [1] * len(rows), out[index, 0], logits[1:].argmax(-1).T)
-            count = min(batch_size - len(active.produced), len(ready.rows))
-            active.join(ready.rows[:count], ready.token[:count], ready.drafts[:count])
-            cache.extend(ready_cache.take_first(count))
-            ready.keep(list(range(count, len(ready.rows))))
-            _retire_finished(active, cache, max_new_tokens, ready, ready_cache)
+                first = logits.argmax(-1).T.tolist()  # [rows][n]: head 1's token, heads 2..n's drafts after it
+                for row, tokens in zip(rows, first):
+                    out[row].append(tokens[0])  # the prompt's forward yields a row's first token
+                ready = _Active(rows, [tokens[0] for tokens in first], [tokens[1:] for tokens in first])
+            joining = ready.take_first(min(batch_size - len(active.rows), len(ready.rows)))
+            active.join(joining.rows, joining.token, joining.drafts)
+            cache.extend(ready_cache.take_first(len(joining.rows)))
+            _retire_finished(active, cache, out, max_new_tokens, ready, ready_cache)
             continue
-        block = torch.cat([active.token[:, None], active.drafts], dim=1)  # [a, n]: the certain token, the drafts
+        block = active.block(device)  # [a, n]: the certain token, the drafts
         # Every head at every block position in one pass: heads 2..n at the accepted position alone (a second pass
         # after head 1, DecoderStep.hidden) measured no faster at batch 8 on the CPU (its extra ops cost what its
         # smaller attention and MLP save; docs/benchmarks.md section 6).
         hidden, trunk = decoder.hidden_states(block, cache)  # [n heads, a, n positions, d], [a, n, d]
         forwards += 1
         greedy_next = decoder.logits(hidden[:1], trunk)[0].argmax(-1)  # [a, n]: greedy's token after block[:, :j+1]
-        accepted = (block[:, 1:] == greedy_next[:, :-1]).long().cumprod(dim=1).sum(dim=1)  # [a]
-        # The accepted drafts are greedy's tokens, so the row's new tokens are greedy_next[:, :accepted + 1].
-        positions = torch.tensor(active.produced, device=device)[:, None] + block_position
-        out[active.row_index[:, None], positions] = greedy_next
-        tried += (accepted[:, None] >= draft_position).sum(dim=0)
-        hits += (accepted[:, None] > draft_position).sum(dim=0)
-        rows = torch.arange(len(active.produced), device=device)
-        active.token = greedy_next[rows, accepted]
+        accepted = (block[:, 1:] == greedy_next[:, :-1]).cumprod(dim=1).sum(dim=1)  # [a]
         # Only the accepted position's drafts are read: heads 2..n are unembedded there alone.
-        at_accepted = decoder.logits(hidden[1:, rows, accepted, None], trunk[rows, accepted, None], first=1)
-        active.drafts = at_accepted[:, :, 0].argmax(-1).T
-        counts = accepted.tolist()  # the one wait per forward: the host places the next block
+        at = accepted.view(-1, 1, 1).expand(-1, 1, trunk.shape[-1])  # [a, 1, d]: each row's accepted position
+        drafts = decoder.logits(hidden[1:].gather(2, at.expand(n - 1, -1, -1, -1)), trunk.gather(1, at),
+                                first=1)[:, :, 0].argmax(-1)  # [n-1, a]
+        # The one wait per forward: each row's count, greedy's tokens and the next drafts come back in one copy.
+        counts = []
+        for i, (count, *tokens) in enumerate(torch.cat([accepted[:, None], greedy_next, drafts.T], dim=1).tolist()):
+            # The accepted drafts are greedy's tokens, so the row's new tokens are greedy_next[i, :count + 1].
+            out[active.rows[i]].extend(tokens[:count + 1])
+            active.token[i], active.drafts[i] = tokens[count], tokens[n:]
+            for position in range(min(count + 1, n - 1)):  # draft position p is tried once drafts before it hit
+                tried[position] += 1
+                hits[position] += position < count
+            counts.append(count)
+            row_forwards[active.rows[i]] += 1
         cache.crop([length - (n - 1 - count) for length, count in zip(cache.lengths, counts)])
-        active.produced = [produced + count + 1 for produced, count in zip(active.produced, counts)]
-        for row in active.rows:
-            row_forwards[row] += 1
-        _retire_finished(active, cache, max_new_tokens, ready, ready_cache)
+        _retire_finished(active, cache, out, max_new_tokens, ready, ready_cache)
     stats = DecodeStats(tokens=max_new_tokens, forwards=forwards, row_forwards=row_forwards,
-                        accepted=[list(pair) for pair in zip(hits.tolist(), tried.tolist())],
-                        seconds=_elapsed(start, device))
-    return out[:, :max_new_tokens], stats
+                        accepted=[list(pair) for pair in zip(hits, tried)], seconds=_elapsed(start, device))
+    return torch.tensor([row[:max_new_tokens] for row in out], dtype=torch.long, device=device), stats
 
 
-def _retire_finished(active: _Active, cache: KVCache, max_new_tokens: int, ready: _Active,
+def _retire_finished(active: _Active, cache: KVCache, out: list, max_new_tokens: int, ready: _Active,
                      ready_cache: KVCache) -> None:
-    """Rows with all their tokens leave the batch: prefilled rows waiting to join take their places (their cache
-    rows copied into the finished ones'), and the places left over are dropped, so that the others' forwards do not
-    carry them."""
+    """Rows with all their tokens (``out``: each row's so far) leave the batch: prefilled rows waiting to join take
+    their places (their cache rows copied into the finished ones'), and the places left over are dropped, so that
+    the others' forwards do not carry them."""
     while True:
-        finished = [i for i, produced in enumerate(active.produced) if produced >= max_new_tokens]
+        finished = [i for i, row in enumerate(active.rows) if len(out[row]) >= max_new_tokens]
         count = min(len(finished), len(ready.rows))
         if not count:
             break
-        active.replace(finished[:count], ready)
+        active.replace(finished[:count], ready.take_first(count))
         cache.replace_rows(finished[:count], ready_cache.take_first(count))
-        ready.keep(list(range(count, len(ready.rows))))
-    unfinished = [i for i, produced in enumerate(active.produced) if produced < max_new_tokens]
-    if len(unfinished) < len(active.produced):
+    unfinished = [i for i, row in enumerate(active.rows) if len(out[row]) < max_new_tokens]
+    if len(unfinished) < len(active.rows):
         active.keep(unfinished)
         cache.keep_rows(unfinished)

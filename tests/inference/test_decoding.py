@@ -106,6 +106,23 @@ def test_speculative_equals_greedy(trained, untrained, batch):
             assert stats.acceptance()[0] > 0.5, stats.acceptance()
 
 
+
+def test_speculative_with_one_head_is_greedy():
+    """n=1 is a plain GPT: nothing to draft, so speculative decoding takes one token per forward and gives greedy's
+    tokens, with rows joining and leaving (batch_size below the prompts)."""
+    cfg = load_config(os.path.join(REPO, "configs/tiny.yaml"), [*TINY, "mtp.n_heads=1"])
+    from mtp_megatron.model.builder import build_model
+
+    with native.single_process() as env:
+        model = build_model(native.dense_config(cfg, "fp32"), env)
+        dense = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    decoder = MTPDecoder(cfg, dense, torch.float64)
+    prompt = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(2))
+    plain, _ = greedy(decoder, prompt, 7)
+    fast, stats = speculative(decoder, prompt, 7, batch_size=2)
+    assert torch.equal(fast, plain)
+    assert stats.tokens_per_forward == pytest.approx(1.0) and stats.accepted == []
+
 def test_generate_cli_compares_and_reports(trained):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "mtp_megatron.generate", "--checkpoint", trained, "--prompt",
