@@ -193,6 +193,9 @@ class Checkpointer:
 
     def _checksums(self, folder: str) -> dict:
         """Collective: the CRC-32 of every file of ``folder``, each rank reading every world_size-th file."""
+        # Every rank's writes first: an engine's own files (FSDP2's optimizer state) are written by each DP group on
+        # its own, and a group's metadata can land after rank 0's group is done.
+        dist.barrier()
         names = store.list_files(folder) if self.env.rank == 0 else None
         shared = [names]
         dist.broadcast_object_list(shared, src=0)

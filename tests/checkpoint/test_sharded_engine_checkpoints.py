@@ -144,6 +144,44 @@ def test_a_sharded_save_writes_the_tensors_a_gathered_save_wrote(tmp_path, layou
     _assert_same_model_tensors(f"{tmp_path}/sharded", f"{tmp_path}/gathered")
 
 
+
+def save_with_one_group_slow(tmp: str) -> None:
+    """FSDP2 at TP=2 x DP=2 writes one optimizer checkpoint per TP rank, each by its own DP group: the TP-rank-1
+    group's coordinator writes its metadata two seconds late (a slow shared file system), after rank 0's group has
+    finished its own."""
+    import time
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    cfg = _config(tmp, "run", "parallel.tp=2", "parallel.sharding=fsdp")
+    engine, env = _engine(cfg, steps=1)
+    finish = FileSystemWriter.finish
+
+    def slow_finish(self, *args, **kwargs):
+        if env.tp_rank == 1:
+            time.sleep(2)
+        return finish(self, *args, **kwargs)
+
+    FileSystemWriter.finish = slow_finish
+    _save(cfg, env, engine, f"{tmp}/slow")
+
+
+@pytest.mark.distributed
+def test_the_manifest_waits_for_every_groups_files(tmp_path):
+    """The save checksums the folder's files once every rank has finished writing, not when rank 0's own group
+    has: otherwise the late group's metadata goes unchecksummed (or is missed, or its temporary name is read just
+    as it is renamed, which failed the save)."""
+    from mtp_megatron.checkpoint import store
+
+    run_distributed(save_with_one_group_slow, 4, str(tmp_path))
+    folder = f"{tmp_path}/slow"
+    files = store.read_manifest(folder)["files"]
+    assert sorted(files) == store.list_files(folder) and "fsdp/tp_rank_01/.metadata" in files
+    unchecked = [name for name, entry in files.items() if "crc32" not in entry]
+    assert not unchecked, f"saved without a checksum: {unchecked}"
+    assert store.problems(folder, checksums=True) == []
+
+
 # -- what a save allocates ----------------------------------------------------------------------------------------
 
 def _allocated_peak(fn) -> int:
