@@ -74,7 +74,6 @@ class Checkpointer:
         """``engine``: the run's (engines.build_engine), or ``ModelOnly`` around a bare model for weights only."""
         self.cfg, self.env, self.engine = cfg, env, engine
         self.root = os.path.join(cfg.run.dir, "checkpoints")
-        bind_helper_processes_to_this_rank()  # megatron-core's writer helpers must not outlive a killed rank
         self._async_queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         self._pending: Optional[str] = None  # the async save not yet committed
         self.last_committed: Optional[str] = None  # the newest complete checkpoint this run wrote or started from
@@ -110,6 +109,9 @@ class Checkpointer:
     def save(self, state: TrainState, path: Optional[str] = None) -> str:
         """Save at ``state.step`` into ``path`` (default: the run's ``iter_NNNNNNN``); returns that folder. With
         ``async_save`` it is committed at a later step boundary (``finalize``)."""
+        # megatron-core's writer helpers must not outlive a killed rank. Bound at the first save, not before: a
+        # process that only reads (generate, convert, a user's script) starts no helper process.
+        bind_helper_processes_to_this_rank()
         self.finalize(blocking=True)  # at most one save in flight
         self.engine.sync_parameters()  # overlap_param_gather: the other DP shards' weights are this step's only now
         start = time.perf_counter()

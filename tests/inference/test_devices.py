@@ -143,13 +143,30 @@ def test_reading_a_checkpoint_on_the_cpu_leaves_no_patch_on_later_torch_calls(tr
     assert "modes after a second read: 0" in stdout, stdout
 
 
-def _fresh_process(script: str, *args: str, **env_overrides: str) -> str:
-    """The stdout of ``python -c script args`` in a fresh process outside any launcher's world (exit 0 asserted)."""
+def test_a_plain_script_reads_a_checkpoint_and_starts_no_process(trained, tmp_path):
+    """A user's script without an ``if __name__ == "__main__"`` guard reads a checkpoint: it must work, and start no
+    helper process (megatron-core's writer helpers are for saves; a spawned one re-runs such a script and fails)."""
+    script = (
+        "import multiprocessing, sys\n"
+        "from mtp_megatron.convert.formats import read_any\n"
+        "cfg, dense, _ = read_any(sys.argv[1], device='cpu')\n"
+        "print('tensors:', len(dense), 'children:', len(multiprocessing.active_children()))\n"
+    )
+    stdout = _fresh_process(script, trained, file=str(tmp_path / "read.py"))
+    assert "children: 0" in stdout and "tensors: 0" not in stdout, stdout
+
+
+def _fresh_process(script: str, *args: str, file: str | None = None, **env_overrides: str) -> str:
+    """The stdout of ``python -c script args`` (or of ``python file args``, the script written there) in a fresh
+    process outside any launcher's world (exit 0 asserted)."""
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **env_overrides}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    result = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
+    if file is not None:
+        with open(file, "w") as f:
+            f.write(script)
+    command = [sys.executable, *(["-c", script] if file is None else [file]), *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
