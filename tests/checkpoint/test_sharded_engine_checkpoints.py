@@ -144,7 +144,6 @@ def test_a_sharded_save_writes_the_tensors_a_gathered_save_wrote(tmp_path, layou
     _assert_same_model_tensors(f"{tmp_path}/sharded", f"{tmp_path}/gathered")
 
 
-
 def save_with_one_group_slow(tmp: str) -> None:
     """FSDP2 at TP=2 x DP=2 writes one optimizer checkpoint per TP rank, each by its own DP group: the TP-rank-1
     group's coordinator writes its metadata two seconds late (a slow shared file system), after rank 0's group has
